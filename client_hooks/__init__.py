@@ -1,0 +1,1 @@
+"""gradsentry client hooks: stream gradient telemetry from a PyTorch training loop."""

@@ -1,0 +1,97 @@
+"""The gradsentry wire format: one source of truth for client and collector.
+
+This module imports only the standard library, so the collector can read it
+without pulling in torch.
+
+A run is announced once (``POST /api/v1/runs``) with a :class:`RunSpec`-shaped
+JSON object; steps follow in batches (``POST /api/v1/runs/{run}/steps``)::
+
+    {"wire_version": 1,
+     "steps": [{"step": 0, "wall_time": 1700000000.5, "loss": 2.31, "lr": 0.001,
+                "grad_norm": 1.7, "batch_size": 32, "samples": 32, "tokens": 4096,
+                "nonfinite": 0,
+                "layer_grad_norms": [0.3, 1.2, ...],   # one per run layer, in order
+                "layer_nonfinite": [0, 0, ...],        # optional, same length
+                "scalars": {"attn_logit_max": 7.5}}]}
+
+Floats travel as JSON numbers, except NaN, +Inf and -Inf, which travel as the
+strings ``"NaN"``, ``"Infinity"`` and ``"-Infinity"`` (the proto3 JSON
+convention), so any JSON parser can read them. The collector also accepts the
+bare ``NaN``/``Infinity`` tokens Python's ``json`` module writes by default.
+
+Measurement semantics (DESIGN.md): ``grad_norm`` and ``layer_grad_norms`` are
+L2 norms of the gradient the optimizer sees *before clipping*, after
+accumulation and all-reduce, unscaled. A layer is a module path; its norm is
+sqrt(sum of its parameter tensors' squared norms). ``layer_nonfinite[i]`` is the
+number of parameter tensors of layer ``i`` whose gradient holds a NaN or Inf.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+from typing import Any
+
+WIRE_VERSION = 1
+CONTENT_TYPE = "application/json"
+
+# Names of the per-step fields that are floats (may be non-finite).
+FLOAT_FIELDS = ("wall_time", "loss", "lr", "grad_norm")
+INT_FIELDS = ("batch_size", "samples", "tokens", "nonfinite")
+
+_NONFINITE_OUT = {math.inf: "Infinity", -math.inf: "-Infinity"}
+NONFINITE_STRINGS = frozenset(("NaN", "Infinity", "-Infinity"))
+
+DEFAULT_SEMANTICS: dict[str, Any] = {
+    "clip": "pre",  # norms are measured before gradient clipping
+    "reduction": "global",  # after the data-parallel all-reduce
+    "world_size": 1,
+    "micro_batches": 1,
+    "amp": "unscaled",
+}
+
+
+def encode_float(x: float) -> float | str:
+    """A float as it goes on the wire: itself, or one of the non-finite strings."""
+    if math.isfinite(x):
+        return x
+    if math.isnan(x):
+        return "NaN"
+    return _NONFINITE_OUT[x]
+
+
+def decode_float(x: float | int | str | None) -> float | None:
+    """Inverse of :func:`encode_float` (``None`` stays ``None``)."""
+    if x is None or isinstance(x, float):
+        return x
+    if isinstance(x, int):
+        return float(x)
+    if x in NONFINITE_STRINGS:
+        return float(x.replace("Infinity", "inf"))
+    raise ValueError(f"not a wire float: {x!r}")
+
+
+def _encode_value(v: Any) -> Any:
+    if isinstance(v, float):
+        return encode_float(v)
+    if isinstance(v, dict):
+        return {k: _encode_value(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_encode_value(x) for x in v]
+    return v
+
+
+def dumps(obj: Any) -> bytes:
+    """Encode an object as wire JSON (non-finite floats as strings), UTF-8."""
+    return json.dumps(_encode_value(obj), allow_nan=False, separators=(",", ":")).encode()
+
+
+def encode_batch(steps: list[dict[str, Any]], compress: bool = True) -> tuple[bytes, dict[str, str]]:
+    """Body and headers of one ``POST .../steps`` request for ``steps``."""
+    body = dumps({"wire_version": WIRE_VERSION, "steps": steps})
+    headers = {"Content-Type": CONTENT_TYPE}
+    if compress:
+        body = gzip.compress(body, compresslevel=5)
+        headers["Content-Encoding"] = "gzip"
+    return body, headers
