@@ -1,0 +1,68 @@
+"""Write endpoints: announce runs, post step batches."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request, Response
+from server import errors
+from server.api.responses import WireJSONResponse
+from server.db import SessionDep, SettingsDep
+from server.schemas import IngestResult, RunCreate, RunOut, StepBatch
+from server.services import ingest, runs
+
+router = APIRouter(prefix="/api/v1", tags=["ingest"])
+
+
+async def steps_body(request: Request, settings: SettingsDep) -> StepBatch:
+    """Read the raw body (bounded), then decode and validate it."""
+    limit = settings.max_body_bytes
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise errors.BodyTooLarge(f"body of {declared} bytes exceeds the limit of {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise errors.BodyTooLarge(f"body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return ingest.decode_body(
+        b"".join(chunks),
+        request.headers.get("content-type"),
+        request.headers.get("content-encoding"),
+        limit,
+    )
+
+
+@router.post(
+    "/runs",
+    response_model=RunOut,
+    status_code=201,
+    responses={200: {"model": RunOut, "description": "The run existed and is resumed"}},
+)
+def create_run(spec: RunCreate, session: SessionDep, settings: SettingsDep) -> Response:
+    """Create a run, or resume the run with this id (idempotent)."""
+    run, created = runs.create_or_resume(session, spec, settings)
+    return WireJSONResponse(run, status_code=201 if created else 200)
+
+
+@router.post(
+    "/runs/{run_id}/steps",
+    response_model=IngestResult,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "description": "A batch of step records (gzip allowed: Content-Encoding: gzip)",
+            "content": {"application/json": {"schema": StepBatch.model_json_schema()}},
+        }
+    },
+)
+def post_steps(
+    run_id: str,
+    batch: Annotated[StepBatch, Depends(steps_body)],
+    session: SessionDep,
+    settings: SettingsDep,
+) -> IngestResult:
+    """Upsert a batch of steps keyed by (run, step); all or nothing."""
+    return ingest.ingest_steps(session, run_id, batch, settings)
+

@@ -1,0 +1,87 @@
+"""The collector's FastAPI application factory."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from prometheus_client import CollectorRegistry, make_asgi_app
+from sqlalchemy.orm import sessionmaker
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server import __version__, errors
+from server.api import health, ingest, pages, runs
+from server.db import make_engine
+from server.metrics import Metrics
+from server.settings import Settings
+
+log = logging.getLogger("gradsentry.server")
+
+
+def create_app(
+    settings: Settings | None = None, registry: CollectorRegistry | None = None
+) -> FastAPI:
+    """Build the collector. Nothing connects until the first request."""
+    settings = settings or Settings()
+    registry = registry or CollectorRegistry()
+    engine = make_engine(settings.database_url)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        engine.dispose()
+
+    app = FastAPI(
+        title="gradsentry collector",
+        version=__version__,
+        description="Gradient-norm telemetry for PyTorch training.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.sessionmaker = sessionmaker(engine, expire_on_commit=False)
+    app.state.metrics = Metrics.create(registry)
+    _install_error_handlers(app)
+    app.include_router(ingest.router)
+    app.include_router(runs.router)
+    app.include_router(health.router)
+    app.mount("/metrics", make_asgi_app(registry))
+    app.include_router(pages.router)
+    return app
+
+
+def _error(app: FastAPI, status: int, name: str, detail: object) -> JSONResponse:
+    if 400 <= status < 500:
+        app.state.metrics.ingest_rejected.labels(name).inc()
+    return JSONResponse({"error": name, "detail": detail}, status_code=status)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(errors.GradsentryError)
+    async def domain_error(_req: Request, exc: errors.GradsentryError) -> JSONResponse:
+        return _error(app, exc.status_code, type(exc).__name__, exc.detail)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_req: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = []
+        for err in exc.errors()[:10]:
+            loc = ".".join(str(p) for p in err["loc"])
+            parts.append(f"{loc}: {err['msg']}")
+        return _error(app, 422, "InvalidInput", "; ".join(parts))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_req: Request, exc: StarletteHTTPException) -> JSONResponse:
+        name = {404: "NotFound", 405: "MethodNotAllowed"}.get(exc.status_code, "HTTPError")
+        return _error(app, exc.status_code, name, exc.detail)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_req: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", exc_info=exc)
+        return JSONResponse(
+            {"error": "InternalError", "detail": "unexpected server error; see collector log"},
+            status_code=500,
+        )

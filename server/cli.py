@@ -1,0 +1,162 @@
+"""``gradsentry`` command line: serve | migrate | demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+from server.settings import Settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="gradsentry", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the collector (embedded SQLite by default)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--database-url", help="default: $GRADSENTRY_DATABASE_URL or SQLite")
+    serve.add_argument("--no-migrate", action="store_true", help="do not upgrade the schema")
+    serve.add_argument("--log-level", default="info")
+
+    migrate = sub.add_parser("migrate", help="upgrade (or downgrade) the database schema")
+    migrate.add_argument("revision", nargs="?", default="head")
+    migrate.add_argument("--downgrade", action="store_true", help="downgrade to REVISION")
+    migrate.add_argument("--database-url")
+
+    demo = sub.add_parser("demo", help="train a small model streaming into a collector")
+    demo.add_argument("--server", default="http://127.0.0.1:8000")
+    demo.add_argument("--database-url", help="for the embedded collector, if one is started")
+    demo.add_argument("--steps", type=int, default=300)
+    demo.add_argument("--project", default="demo")
+    keep = demo.add_mutually_exclusive_group()
+    keep.add_argument("--keep-serving", dest="keep", action="store_true", default=None,
+                      help="keep the embedded collector running after training (default on a tty)")
+    keep.add_argument("--exit", dest="keep", action="store_false",
+                      help="stop the embedded collector when training ends")
+
+    args = parser.parse_args(argv)
+    handler = {"serve": _serve, "migrate": _migrate, "demo": _demo}[args.command]
+    return handler(args)
+
+
+def _settings(database_url: str | None) -> Settings:
+    return Settings(database_url=database_url) if database_url else Settings()
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.app import create_app
+    from server.migrate import upgrade
+
+    settings = _settings(args.database_url)
+    if not args.no_migrate:
+        upgrade(settings.database_url)
+    print(f"gradsentry collector on http://{args.host}:{args.port} "
+          f"(database: {_redact(settings.database_url)})", flush=True)
+    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    from server.migrate import downgrade, upgrade
+
+    settings = _settings(args.database_url)
+    if args.downgrade:
+        downgrade(settings.database_url, args.revision)
+    else:
+        upgrade(settings.database_url, args.revision)
+    print(f"database {_redact(settings.database_url)} at revision {args.revision}")
+    return 0
+
+
+def _redact(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}" if ":" in creds else url
+    return url
+
+
+def _get_json(url: str, timeout: float = 5.0) -> Any:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+def _healthy(server: str) -> bool:
+    try:
+        return _get_json(f"{server}/healthz", timeout=2.0).get("status") == "ok"  # type: ignore[no-any-return]
+    except (OSError, ValueError):
+        return False
+
+
+def _start_collector(server: str, database_url: str | None) -> subprocess.Popen[bytes]:
+    host_port = server.split("://", 1)[-1].rstrip("/")
+    host, _, port = host_port.partition(":")
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--host", host, "--port", port or "80",
+           "--log-level", "warning"]
+    if database_url:
+        cmd += ["--database-url", database_url]
+    print(f"no collector answers at {server}; starting an embedded one (SQLite)", flush=True)
+    proc = subprocess.Popen(cmd)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the embedded collector exited with code {proc.returncode}")
+        if _healthy(server):
+            return proc
+        time.sleep(0.2)
+    proc.terminate()
+    raise SystemExit(f"the embedded collector did not answer at {server} within 60 s")
+
+
+def _demo(args: argparse.Namespace) -> int:
+    server = args.server.rstrip("/")
+    collector = None if _healthy(server) else _start_collector(server, args.database_url)
+    run_id = f"{args.project}-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        # Training runs in its own interpreter: the collector side never imports torch.
+        code = subprocess.call([
+            sys.executable, "-m", "client_hooks.demo", "--server", server,
+            "--project", args.project, "--run", run_id, "--steps", str(args.steps),
+        ])
+        if code != 0:
+            print(f"demo training failed with exit code {code}", file=sys.stderr)
+            return code
+        _print_summary(server, run_id)
+        keep = args.keep if args.keep is not None else sys.stdin.isatty()
+        if collector is not None and keep:
+            print("collector keeps running; press Ctrl+C to stop it", flush=True)
+            try:
+                collector.wait()
+            except KeyboardInterrupt:
+                pass
+    finally:
+        if collector is not None and collector.poll() is None:
+            collector.terminate()
+            collector.wait(timeout=30)
+    return 0
+
+
+def _print_summary(server: str, run_id: str) -> None:
+    run = _get_json(f"{server}/api/v1/runs/{run_id}")
+    series = _get_json(f"{server}/api/v1/runs/{run_id}/series?names=loss,grad_norm&max_points=1")
+    last = {s["name"]: s["max"][0] if s["max"] else None for s in series["series"]}
+    print(f"\nrun {run_id}: {run['num_steps']} steps, {len(run['layers'])} layers, "
+          f"steps {run['last_step'] + 1 - run['num_steps']}..{run['last_step']}")
+    print(f"  max loss {last['loss']}, max total grad norm {last['grad_norm']}")
+    print(f"  API:       {server}/api/v1/runs/{run_id}")
+    print(f"  dashboard: {server}/runs/{run_id}", flush=True)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""Request and response models of the REST API.
+
+Floats accept JSON numbers and the strings "NaN", "Infinity", "-Infinity" (the
+wire convention); responses write non-finite floats the same way.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
+
+from client_hooks.wire import WIRE_VERSION
+
+RunId = Annotated[
+    str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+]
+ProjectName = Annotated[
+    str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+]
+ScalarName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_.:/-]{0,127}$")]
+
+
+def _utc(value: datetime) -> datetime:
+    # SQLite returns naive datetimes; every timestamp we store is UTC.
+    return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
+
+
+UTCDateTime = Annotated[datetime, AfterValidator(_utc)]
+Count = Annotated[int, Field(strict=True, ge=0)]
+StepNo = Annotated[int, Field(strict=True, ge=0, le=2**62)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", ser_json_inf_nan="strings")
+
+
+class Out(BaseModel):
+    """Response models: non-finite floats serialise as "NaN"/"Infinity"/"-Infinity"."""
+
+    model_config = ConfigDict(ser_json_inf_nan="strings")
+
+
+class RunCreate(Strict):
+    """Announce a run, or resume one with the same id."""
+
+    id: RunId
+    project: ProjectName = "default"
+    name: Annotated[str, StringConstraints(max_length=256)] | None = None
+    config: dict[str, Any] = Field(default_factory=dict)
+    tags: list[Annotated[str, StringConstraints(max_length=128)]] = Field(
+        default_factory=list, max_length=64
+    )
+    batch_size: Annotated[int, Field(strict=True, ge=1)] | None = None
+    world_size: Annotated[int, Field(strict=True, ge=1)] = 1
+    layers: list[Annotated[str, StringConstraints(max_length=512)]] = Field(default_factory=list)
+    semantics: dict[str, Any] = Field(default_factory=dict)
+
+
+class StepIn(Strict):
+    """One optimizer step as the client reports it (see ``client_hooks.wire``)."""
+
+    step: StepNo
+    wall_time: float | None = None
+    loss: float | None = None
+    lr: float | None = None
+    grad_norm: float | None = None
+    batch_size: Count | None = None
+    samples: Count | None = None
+    tokens: Count | None = None
+    nonfinite: Count | None = None
+    layer_grad_norms: list[float] | None = None
+    layer_nonfinite: list[Count] | None = None
+    scalars: dict[ScalarName, float] = Field(default_factory=dict)
+
+
+class StepBatch(Strict):
+    wire_version: Literal[WIRE_VERSION]  # type: ignore[valid-type]
+    steps: list[StepIn]
+
+
+class IngestResult(Out):
+    run: str
+    accepted: int
+    first_step: int | None
+    last_step: int | None
+
+
+class RunOut(Out):
+    id: str
+    project: str
+    name: str
+    status: str
+    config: dict[str, Any]
+    tags: list[str]
+    batch_size: int | None
+    world_size: int
+    layers: list[str]
+    semantics: dict[str, Any]
+    created_at: UTCDateTime
+    updated_at: UTCDateTime
+    last_step: int | None
+    num_steps: int | None = None
+    series: list[str] | None = None
+
+
+class ProjectOut(Out):
+    name: str
+    created_at: UTCDateTime
+    runs: int
+    last_activity: UTCDateTime | None
+
+
+class SeriesOut(Out):
+    """One downsampled series: bucket ``i`` covers steps ``step[i]`` to ``step_end[i]``.
+
+    ``min``/``max`` are over the bucket's values with NaN ignored (NaN only when
+    every value is NaN; ±Inf kept), so a one-step spike is never lost.
+    ``nonfinite`` counts the NaN/±Inf values of the bucket. With
+    ``bucket_size == 1`` every bucket is one step and ``min == max == value``.
+    """
+
+    name: str
+    bucket_size: int
+    step: list[int]
+    step_end: list[int]
+    min: list[float]
+    max: list[float]
+    nonfinite: list[int]
+
+
+class SeriesResponse(Out):
+    run: str
+    series: list[SeriesOut]
+
+
+class LayersResponse(Out):
+    """Layer × step matrix of one per-layer metric; rows follow ``layers``."""
+
+    run: str
+    metric: str
+    layers: list[str]
+    bucket_size: int
+    step: list[int]
+    step_end: list[int]
+    min: list[list[float]]
+    max: list[list[float]]
+    nonfinite: list[list[int]]

@@ -1,0 +1,1 @@
+"""Use cases: each owns its transaction and raises domain errors."""

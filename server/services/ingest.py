@@ -1,0 +1,151 @@
+"""Ingest: decode a batch of step records and upsert it in one transaction."""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from pydantic import ValidationError
+from sqlalchemy import Table
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from server import errors
+from server.models import STEP_SERIES, LayerValues, Scalar, Step, utcnow
+from server.schemas import IngestResult, StepBatch, StepIn
+from server.services.runs import get_run
+from server.settings import Settings
+
+STEP_SERIES_SET = frozenset(STEP_SERIES)
+STEP_COLUMNS = ("wall_time", "loss", "lr", "grad_norm", "batch_size", "samples", "tokens",
+                "nonfinite")
+
+
+def decode_body(
+    body: bytes, content_type: str | None, content_encoding: str | None, limit: int
+) -> StepBatch:
+    """Check the media type, inflate gzip (bounded), parse and validate the batch."""
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    if media != "application/json":
+        raise errors.WrongContentType(
+            f"Content-Type must be application/json, got {content_type or 'none'!r}"
+        )
+    encoding = (content_encoding or "identity").strip().lower()
+    if encoding == "gzip":
+        body = _gunzip(body, limit)
+    elif encoding != "identity":
+        raise errors.WrongContentType(
+            f"Content-Encoding must be gzip or identity, got {content_encoding!r}"
+        )
+    if len(body) > limit:
+        raise errors.BodyTooLarge(f"body of {len(body)} bytes exceeds the limit of {limit}")
+    try:
+        return StepBatch.model_validate_json(body)
+    except ValidationError as exc:
+        raise errors.InvalidBatch(_describe(exc)) from None
+
+
+def _gunzip(body: bytes, limit: int) -> bytes:
+    inflater = zlib.decompressobj(wbits=31)  # gzip header required
+    try:
+        out = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise errors.CorruptBody(f"body is not valid gzip: {exc}") from None
+    if len(out) > limit:
+        raise errors.BodyTooLarge(f"decompressed body exceeds the limit of {limit} bytes")
+    if not inflater.eof:
+        raise errors.CorruptBody("gzip body is truncated")
+    return out
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:10]:
+        loc = ".".join(str(p) for p in err["loc"]) or "body"
+        parts.append(f"{loc}: {err['msg']}")
+    more = exc.error_count() - len(parts)
+    return "; ".join(parts) + (f"; and {more} more errors" if more > 0 else "")
+
+
+def ingest_steps(
+    session: Session, run_id: str, batch: StepBatch, settings: Settings
+) -> IngestResult:
+    """Upsert every step of ``batch`` into run ``run_id``; all or nothing.
+
+    Keyed by (run, step): a retried or replayed batch overwrites the same rows,
+    so it never duplicates a step and never loses one.
+    """
+    steps = batch.steps
+    if len(steps) > settings.max_steps_per_batch:
+        raise errors.BatchTooLarge(
+            f"{len(steps)} steps exceed the limit of {settings.max_steps_per_batch} per batch"
+        )
+    run = get_run(session, run_id)
+    _check_steps(steps, len(run.layers))
+    if not steps:
+        return IngestResult(run=run_id, accepted=0, first_step=None, last_step=None)
+
+    step_rows = [
+        {"run_pk": run.pk, "step": s.step, **{c: getattr(s, c) for c in STEP_COLUMNS}}
+        for s in steps
+    ]
+    layer_rows: list[dict[str, Any]] = []
+    scalar_rows: list[dict[str, Any]] = []
+    for s in steps:
+        if s.layer_grad_norms is not None:
+            layer_rows.append({"run_pk": run.pk, "metric": "grad_norm", "step": s.step,
+                               "values": np.asarray(s.layer_grad_norms, dtype="<f4")})
+        if s.layer_nonfinite is not None:
+            layer_rows.append({"run_pk": run.pk, "metric": "nonfinite", "step": s.step,
+                               "values": np.asarray(s.layer_nonfinite, dtype="<f4")})
+        scalar_rows.extend(
+            {"run_pk": run.pk, "name": k, "step": s.step, "value": v}
+            for k, v in s.scalars.items()
+        )
+    _upsert(session, Step.__table__, step_rows, ("run_pk", "step"))
+    _upsert(session, LayerValues.__table__, layer_rows, ("run_pk", "metric", "step"))
+    _upsert(session, Scalar.__table__, scalar_rows, ("run_pk", "name", "step"))
+
+    last = max(s.step for s in steps)
+    run.last_step = last if run.last_step is None else max(run.last_step, last)
+    run.updated_at = utcnow()
+    run.status = "running"
+    session.commit()
+    return IngestResult(
+        run=run_id, accepted=len(steps), first_step=min(s.step for s in steps), last_step=last
+    )
+
+
+def _check_steps(steps: Sequence[StepIn], n_layers: int) -> None:
+    seen: set[int] = set()
+    for i, s in enumerate(steps):
+        if s.step in seen:
+            raise errors.DuplicateStep(f"steps.{i}: step {s.step} appears twice in this batch")
+        seen.add(s.step)
+        clash = STEP_SERIES_SET.intersection(s.scalars)
+        if clash:
+            raise errors.InvalidInput(
+                f"steps.{i}.scalars: {sorted(clash)} are built-in series names; rename them"
+            )
+        for field in ("layer_grad_norms", "layer_nonfinite"):
+            values = getattr(s, field)
+            if values is not None and len(values) != n_layers:
+                raise errors.LayerCountMismatch(
+                    f"steps.{i}.{field}: {len(values)} values for a run with {n_layers} layers"
+                )
+
+
+def _upsert(
+    session: Session, table: Any, rows: list[dict[str, Any]], keys: tuple[str, ...]
+) -> None:
+    """Multi-row INSERT ... ON CONFLICT (keys) DO UPDATE, on Postgres or SQLite."""
+    if not rows:
+        return
+    assert isinstance(table, Table)
+    dialect = session.get_bind().dialect.name
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    stmt = insert(table)
+    updates = {c.name: stmt.excluded[c.name] for c in table.columns if c.name not in keys}
+    session.execute(stmt.on_conflict_do_update(index_elements=list(keys), set_=updates), rows)

@@ -1,0 +1,138 @@
+"""Projects and runs: create, resume, list, describe."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from server import errors
+from server.models import STEP_SERIES, Project, Run, Scalar, Step, utcnow
+from server.schemas import ProjectOut, RunCreate, RunOut
+from server.settings import Settings
+
+
+def get_run(session: Session, run_id: str) -> Run:
+    run = session.scalar(select(Run).where(Run.id == run_id))
+    if run is None:
+        raise errors.RunNotFound(run_id)
+    return run
+
+
+def _get_or_create_project(session: Session, name: str) -> Project:
+    project = session.scalar(select(Project).where(Project.name == name))
+    if project is None:
+        project = Project(name=name)
+        session.add(project)
+        session.flush()
+    return project
+
+
+def create_or_resume(session: Session, spec: RunCreate, settings: Settings) -> tuple[RunOut, bool]:
+    """Create the run, or resume it when the id exists. Returns (run, created).
+
+    Resuming keeps stored steps; new steps append (or overwrite the same step
+    numbers). A resume must name the same project and the same layer list.
+    """
+    if len(spec.layers) > settings.max_layers_per_run:
+        raise errors.BatchTooLarge(
+            f"{len(spec.layers)} layers exceed the limit of {settings.max_layers_per_run} per run"
+        )
+    if len(set(spec.layers)) != len(spec.layers):
+        dup = next(n for n in spec.layers if spec.layers.count(n) > 1)
+        raise errors.InvalidInput(f"layer names must be unique; {dup!r} appears twice")
+    project = _get_or_create_project(session, spec.project)
+    run = session.scalar(select(Run).where(Run.id == spec.id))
+    created = run is None
+    if run is None:
+        run = Run(
+            id=spec.id,
+            project_id=project.id,
+            name=spec.name or spec.id,
+            config=spec.config,
+            tags=spec.tags,
+            batch_size=spec.batch_size,
+            world_size=spec.world_size,
+            layers=spec.layers,
+            semantics=spec.semantics,
+        )
+        session.add(run)
+    else:
+        if run.project_id != project.id:
+            raise errors.RunConflict(
+                f"run {spec.id!r} already exists in another project; run ids are global"
+            )
+        if run.layers and spec.layers and run.layers != spec.layers:
+            raise errors.RunConflict(
+                f"run {spec.id!r} exists with a different layer list "
+                f"({len(run.layers)} layers stored, {len(spec.layers)} sent); "
+                "use a new run id for a different model"
+            )
+        run.layers = run.layers or spec.layers
+        run.config = {**run.config, **spec.config}
+        run.tags = sorted(set(run.tags) | set(spec.tags))
+        run.status = "running"
+        run.updated_at = utcnow()
+        if spec.name:
+            run.name = spec.name
+    session.commit()
+    return run_out(session, run, project.name), created
+
+
+def run_out(session: Session, run: Run, project: str, detail: bool = False) -> RunOut:
+    extra: dict[str, Any] = {}
+    if detail:
+        extra["num_steps"] = session.scalar(
+            select(func.count()).select_from(Step).where(Step.run_pk == run.pk)
+        )
+        names = session.scalars(
+            select(Scalar.name).where(Scalar.run_pk == run.pk).distinct().order_by(Scalar.name)
+        ).all()
+        extra["series"] = [*STEP_SERIES, *names]
+    return RunOut(
+        id=run.id,
+        project=project,
+        name=run.name,
+        status=run.status,
+        config=run.config,
+        tags=run.tags,
+        batch_size=run.batch_size,
+        world_size=run.world_size,
+        layers=run.layers,
+        semantics=run.semantics,
+        created_at=run.created_at,
+        updated_at=run.updated_at,
+        last_step=run.last_step,
+        **extra,
+    )
+
+
+def describe(session: Session, run_id: str) -> RunOut:
+    run = get_run(session, run_id)
+    project = session.scalar(select(Project.name).where(Project.id == run.project_id))
+    assert project is not None  # foreign key
+    return run_out(session, run, project, detail=True)
+
+
+def list_runs(
+    session: Session, project: str | None, limit: int, offset: int
+) -> list[RunOut]:
+    query = select(Run, Project.name).join(Project, Project.id == Run.project_id)
+    if project is not None:
+        query = query.where(Project.name == project)
+    query = query.order_by(Run.updated_at.desc(), Run.pk.desc()).limit(limit).offset(offset)
+    return [run_out(session, run, name) for run, name in session.execute(query).all()]
+
+
+def list_projects(session: Session) -> list[ProjectOut]:
+    query = (
+        select(Project, func.count(Run.pk), func.max(Run.updated_at))
+        .outerjoin(Run, Run.project_id == Project.id)
+        .group_by(Project.id)
+        .order_by(Project.name)
+    )
+    return [
+        ProjectOut(name=p.name, created_at=p.created_at, runs=n, last_activity=last)
+        for p, n, last in session.execute(query).all()
+    ]

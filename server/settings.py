@@ -1,0 +1,40 @@
+"""Collector settings, read from the environment (prefix ``GRADSENTRY_``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import platformdirs
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_database_url() -> str:
+    """The embedded default: an SQLite file in the per-user data directory."""
+    data_dir = Path(platformdirs.user_data_dir("gradsentry"))
+    return f"sqlite:///{data_dir / 'gradsentry.db'}"
+
+
+class Settings(BaseSettings):
+    """Everything the collector can be told; tests pass their own instance."""
+
+    model_config = SettingsConfigDict(env_prefix="GRADSENTRY_", extra="ignore")
+
+    database_url: str = Field(default_factory=default_database_url)
+    # Limits on one ingest request; each is answered with a 413 naming the limit.
+    max_body_bytes: int = 64 * 1024 * 1024  # after gzip decompression
+    max_steps_per_batch: int = 10_000
+    max_layers_per_run: int = 100_000
+    # Reads.
+    default_max_points: int = 1000
+    max_max_points: int = 100_000
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_backend(cls, url: str) -> str:
+        if not url.startswith(("sqlite", "postgresql")):
+            raise ValueError(f"unsupported database URL {url!r}: use sqlite:/// or postgresql://")
+        if url.startswith("postgresql://"):
+            # psycopg 3 is the driver we ship; plain postgresql:// would ask for psycopg2.
+            url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
+        return url
