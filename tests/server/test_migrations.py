@@ -1,0 +1,61 @@
+"""Alembic: empty → head → base on both databases, and the models match head."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import inspect
+
+from server.db import make_engine
+from server.migrate import downgrade, upgrade
+from server.models import Base
+from server.settings import Settings
+from tests.conftest import PG_ADMIN_URL, _pg_url
+
+TABLES = {"projects", "runs", "steps", "layer_values", "scalars"}
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def empty_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield Settings(database_url=f"sqlite:///{tmp_path / 'm.db'}").database_url
+        return
+    name = f"gradsentry_mig_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield Settings(database_url=_pg_url(name)).database_url
+    finally:
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _tables(url: str) -> set[str]:
+    engine = make_engine(url)
+    try:
+        return set(inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+
+
+def test_upgrade_to_head_then_downgrade_to_base(empty_database: str) -> None:
+    assert _tables(empty_database) == set()
+    upgrade(empty_database)
+    assert _tables(empty_database) == TABLES | {"alembic_version"}
+
+    engine = make_engine(empty_database)
+    with engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    engine.dispose()
+    assert diff == [], f"models and migrations disagree: {diff}"
+
+    downgrade(empty_database, "base")
+    assert _tables(empty_database) <= {"alembic_version"}
+    upgrade(empty_database)  # and back up again, cleanly
+    assert TABLES <= _tables(empty_database)
