@@ -85,7 +85,7 @@ def train(server: str, project: str, run: str | None, steps: int, batch: int = 1
         mon.log(loss=loss, batch_size=batch, tokens=batch * seq)
         if i % 10 == 0 or i == steps - 1:
             # The demo's one deliberate host sync: reading the loss for the progress bar.
-            _progress(i + 1, steps, float(loss), time.monotonic() - start)
+            _progress(i + 1, steps, loss.item(), time.monotonic() - start)
     sys.stderr.write("\n")
     mon.close()
     return mon.run_id

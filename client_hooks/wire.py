@@ -87,7 +87,9 @@ def dumps(obj: Any) -> bytes:
     return json.dumps(_encode_value(obj), allow_nan=False, separators=(",", ":")).encode()
 
 
-def encode_batch(steps: list[dict[str, Any]], compress: bool = True) -> tuple[bytes, dict[str, str]]:
+def encode_batch(
+    steps: list[dict[str, Any]], compress: bool = True
+) -> tuple[bytes, dict[str, str]]:
     """Body and headers of one ``POST .../steps`` request for ``steps``."""
     body = dumps({"wire_version": WIRE_VERSION, "steps": steps})
     headers = {"Content-Type": CONTENT_TYPE}

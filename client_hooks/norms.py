@@ -1,0 +1,105 @@
+"""Per-layer gradient norms, reduced on the device with no host sync."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+ROOT_LAYER = "(root)"
+# Plans are keyed by which parameters have a gradient; mixture-of-experts models can vary that
+# every step, so the cache is bounded.
+_MAX_PLANS = 16
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def layer_name(param_name: str) -> str:
+    """The module path owning a parameter: its name minus the last component."""
+    return param_name.rpartition(".")[0] or ROOT_LAYER
+
+
+@dataclass(frozen=True)
+class _Group:
+    """Gradients that one ``_foreach_norm`` call can reduce (same device and dtype)."""
+
+    positions: tuple[int, ...]
+    layer_ids: torch.Tensor  # long, on the output device
+    norm_dtype: torch.dtype | None
+
+
+class LayerNorms:
+    """Maps trainable parameters to layers and reduces their gradients on the device.
+
+    With ``g_t`` the gradient of parameter tensor ``t`` and ``T_l`` the tensors of layer ``l``::
+
+        n_l   = sqrt( sum_{t in T_l} ||g_t||_2^2 )
+        total = sqrt( sum_l n_l^2 ) = sqrt( sum_t ||g_t||_2^2 )
+
+    A tensor without a gradient counts 0. ``bad_l`` counts the tensors of layer ``l`` whose norm
+    is not finite (a NaN or Inf entry, or a float32 norm that overflows, entries >~ 1e19).
+    Squares are summed in float64 (float32 on MPS, which has no float64) so that norms between
+    ~1.8e19 and ~3.4e38 do not overflow when squared.
+    """
+
+    def __init__(self, named_parameters: Iterable[tuple[str, torch.nn.Parameter]]) -> None:
+        index: dict[str, int] = {}
+        self.params: list[torch.Tensor] = []
+        self._layer_of: list[int] = []
+        for name, param in named_parameters:
+            if not param.requires_grad:
+                continue
+            self._layer_of.append(index.setdefault(layer_name(name), len(index)))
+            self.params.append(param)
+        self.layers: list[str] = list(index)
+        self.device = self.params[0].device if self.params else torch.device("cpu")
+        self._acc = torch.float32 if self.device.type == "mps" else torch.float64
+        self._plans: dict[tuple[torch.dtype | None, ...], list[_Group]] = {}
+
+    def compute(self) -> torch.Tensor:
+        """``[total, n_1..n_L, bad_1..bad_L]`` as one float32 tensor on :attr:`device`.
+
+        Enqueues a handful of kernels per (device, dtype) group; reads nothing back to the host.
+        """
+        grads = [p.grad for p in self.params]
+        key = tuple(None if g is None else g.dtype for g in grads)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plan(grads)
+            if len(self._plans) >= _MAX_PLANS:
+                self._plans.pop(next(iter(self._plans)))
+            self._plans[key] = plan
+        n = len(self.layers)
+        sq = torch.zeros(n, dtype=self._acc, device=self.device)
+        bad = torch.zeros(n, dtype=self._acc, device=self.device)
+        with torch.no_grad():  # grads require grad under create_graph=True; record nothing
+            for group in plan:
+                present = [grads[i] for i in group.positions]
+                norms = _foreach_norm(present, group.norm_dtype)  # type: ignore[arg-type]
+                stacked = torch.stack(norms).to(self.device, self._acc, non_blocking=True)
+                sq.index_add_(0, group.layer_ids, stacked.square())
+                bad.index_add_(0, group.layer_ids, (~torch.isfinite(stacked)).to(self._acc))
+            total = sq.sum().sqrt().reshape(1)
+            return torch.cat([total, sq.sqrt(), bad]).to(torch.float32)
+
+    def _plan(self, grads: list[torch.Tensor | None]) -> list[_Group]:
+        groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for i, g in enumerate(grads):
+            if g is not None:
+                groups.setdefault((g.device, g.dtype), []).append(i)
+        plan = []
+        for (_, dtype), positions in groups.items():
+            # One host-to-device copy per plan, not per step: plans are cached.
+            ids = torch.tensor([self._layer_of[i] for i in positions], device=self.device)
+            low = dtype in _LOW_PRECISION  # a bf16 norm keeps ~3 digits: reduce into float32
+            plan.append(_Group(tuple(positions), ids, torch.float32 if low else None))
+        return plan
+
+
+def _foreach_norm(grads: list[torch.Tensor], dtype: torch.dtype | None) -> list[torch.Tensor]:
+    if dtype is None:
+        return list(torch._foreach_norm(grads))
+    try:
+        return list(torch._foreach_norm(grads, 2, dtype=dtype))
+    except TypeError:  # torch < 2.5 has no dtype argument: lower-precision norms, still on device
+        return list(torch._foreach_norm(grads))

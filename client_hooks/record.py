@@ -1,0 +1,64 @@
+"""One logged step between the training thread and the sender: a host copy in flight."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+# Order of the fields in a wire step record (client_hooks.wire docstring).
+_ORDER = ("step", "wall_time", "loss", "lr", "grad_norm", "batch_size", "samples", "tokens",
+          "nonfinite", "layer_grad_norms", "layer_nonfinite", "scalars")
+_INT_FIELDS = frozenset(("batch_size", "samples", "tokens"))
+
+
+class _Event(Protocol):
+    def synchronize(self) -> None: ...
+
+
+@dataclass
+class PendingStep:
+    """A step whose device values are still being copied to the host.
+
+    ``host`` holds, in order: when ``n_layers`` is not None, the packed norms of
+    :meth:`client_hooks.norms.LayerNorms.compute` (``1 + 2 * n_layers`` values), then one value
+    per entry of ``packed``: ``(field, None)`` for a record field such as ``"loss"``,
+    ``("scalars", name)`` for an extra scalar. ``fields`` and ``scalars`` hold the values that
+    were Python numbers already.
+    """
+
+    step: int
+    wall_time: float
+    fields: dict[str, Any] = field(default_factory=dict)
+    scalars: dict[str, int | float] = field(default_factory=dict)
+    n_layers: int | None = None
+    packed: list[tuple[str, str | None]] = field(default_factory=list)
+    host: torch.Tensor | None = None
+    event: _Event | None = None
+
+    def to_record(self) -> dict[str, Any]:
+        """The wire step record; waits for the device copy (sender thread only)."""
+        if self.event is not None:
+            self.event.synchronize()  # the one wait per step, off the training thread
+        values: list[float] = self.host.tolist() if self.host is not None else []
+        out: dict[str, Any] = {"step": self.step, "wall_time": self.wall_time, **self.fields}
+        scalars = dict(self.scalars)
+        pos = 0
+        if self.n_layers is not None:
+            n = self.n_layers
+            bad = [int(x) for x in values[1 + n : 1 + 2 * n]]
+            out.update(grad_norm=values[0], layer_grad_norms=values[1 : 1 + n],
+                       layer_nonfinite=bad, nonfinite=sum(bad))
+            pos = 1 + 2 * n
+        for (name, sub), value in zip(self.packed, values[pos:], strict=True):
+            if sub is not None:
+                scalars[sub] = value
+            elif name in _INT_FIELDS and math.isfinite(value):
+                out[name] = int(value)
+            else:
+                out[name] = value
+        if scalars:
+            out["scalars"] = scalars
+        return {k: out[k] for k in _ORDER if out.get(k) is not None}
