@@ -9,6 +9,7 @@ import argparse
 import math
 import sys
 import time
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -28,7 +29,8 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         h = self.ln1(x)
         x = x + self.attn(h, h, h, attn_mask=mask, need_weights=False)[0]
-        return x + self.mlp(self.ln2(x))
+        out: torch.Tensor = x + self.mlp(self.ln2(x))
+        return out
 
 
 class TinyGPT(nn.Module):
@@ -43,16 +45,18 @@ class TinyGPT(nn.Module):
         self.ln_f = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab, bias=False)
         self.head.weight = self.tok.weight
+        self.mask: torch.Tensor
         self.register_buffer("mask", torch.triu(torch.full((seq, seq), -math.inf), 1))
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         x = self.tok(idx) + self.pos[: idx.shape[1]]
         for block in self.blocks:
             x = block(x, self.mask[: idx.shape[1], : idx.shape[1]])
-        return self.head(self.ln_f(x))
+        logits: torch.Tensor = self.head(self.ln_f(x))
+        return logits
 
 
-def markov_batches(vocab: int, seq: int, batch: int, seed: int = 0) -> torch.Tensor:
+def markov_batches(vocab: int, seq: int, batch: int, seed: int = 0) -> Iterator[torch.Tensor]:
     """Sequences from a fixed random sparse Markov chain: learnable, with known structure."""
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(vocab, vocab, generator=g) * 3.0
@@ -78,7 +82,7 @@ def train(server: str, project: str, run: str | None, steps: int, batch: int = 1
         x = next(data)
         logits = model(x[:, :-1])
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1))
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -135,10 +136,8 @@ def _demo(args: argparse.Namespace) -> int:
         keep = args.keep if args.keep is not None else sys.stdin.isatty()
         if collector is not None and keep:
             print("collector keeps running; press Ctrl+C to stop it", flush=True)
-            try:
+            with contextlib.suppress(KeyboardInterrupt):
                 collector.wait()
-            except KeyboardInterrupt:
-                pass
     finally:
         if collector is not None and collector.poll() is None:
             collector.terminate()

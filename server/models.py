@@ -59,7 +59,9 @@ class Run(Base):
     pk: Mapped[int] = mapped_column(Integer, primary_key=True)
     # The client-chosen id users see in URLs; globally unique.
     id: Mapped[str] = mapped_column(String(128), unique=True)
-    project_id: Mapped[int] = mapped_column(ForeignKey("projects.id", ondelete="CASCADE"), index=True)
+    project_id: Mapped[int] = mapped_column(
+        ForeignKey("projects.id", ondelete="CASCADE"), index=True
+    )
     name: Mapped[str] = mapped_column(String(256))
     config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     tags: Mapped[list[str]] = mapped_column(JSON, default=list)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
+
 from server import errors
 from server.api.responses import WireJSONResponse
 from server.db import SessionDep, SettingsDep

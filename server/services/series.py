@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -128,7 +130,7 @@ def read_layers(
     return LayersResponse(run=run_id, metric=metric, layers=layers, **lists)
 
 
-def _lists(b: Buckets) -> dict[str, object]:
+def _lists(b: Buckets) -> dict[str, Any]:
     return {
         "bucket_size": b.size,
         "step": b.step.tolist(),

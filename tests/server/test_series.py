@@ -15,7 +15,7 @@ from tests.factories import create_run, post_steps
 def _brute_force(steps: np.ndarray, values: np.ndarray, origin: int, size: int) -> list[tuple]:
     out = []
     for key in sorted({(s - origin) // size for s in steps.tolist()}):
-        sel = [(s, v) for s, v in zip(steps.tolist(), values.tolist())
+        sel = [(s, v) for s, v in zip(steps.tolist(), values.tolist(), strict=False)
                if (s - origin) // size == key]
         finite_or_inf = [v for _, v in sel if not math.isnan(v)]
         lo = min(finite_or_inf) if finite_or_inf else math.nan
@@ -35,12 +35,12 @@ def test_downsample_matches_brute_force(size: int) -> None:
     values[rng.choice(800, 5, replace=False)] = -np.inf
     b = downsample(steps, values, int(steps[0]), size)
     got = list(zip(b.step.tolist(), b.step_end.tolist(), b.min.tolist(), b.max.tolist(),
-                   b.nonfinite.tolist()))
+                   b.nonfinite.tolist(), strict=False))
     want = _brute_force(steps, values, int(steps[0]), size)
     assert len(got) == len(want)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=False):
         assert g[:2] == w[:2] and g[4] == w[4]
-        for a, e in zip(g[2:4], w[2:4]):
+        for a, e in zip(g[2:4], w[2:4], strict=False):
             assert (math.isnan(a) and math.isnan(e)) or a == e
 
 
