@@ -45,6 +45,7 @@ class TinyGPT(nn.Module):
         self.ln_f = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab, bias=False)
         self.head.weight = self.tok.weight
+        nn.init.normal_(self.tok.weight, std=0.02)  # GPT-2's init; N(0, 1) makes huge logits
         self.mask: torch.Tensor
         self.register_buffer("mask", torch.triu(torch.full((seq, seq), -math.inf), 1))
 
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server", default="http://127.0.0.1:8000")
     parser.add_argument("--project", default="demo")
     parser.add_argument("--run", default=None)
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=200)
     args = parser.parse_args(argv)
     train(args.server, args.project, args.run, args.steps)
     return 0

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="train a small model streaming into a collector")
     demo.add_argument("--server", default="http://127.0.0.1:8000")
     demo.add_argument("--database-url", help="for the embedded collector, if one is started")
-    demo.add_argument("--steps", type=int, default=300)
+    demo.add_argument("--steps", type=int, default=200)
     demo.add_argument("--project", default="demo")
     keep = demo.add_mutually_exclusive_group()
     keep.add_argument("--keep-serving", dest="keep", action="store_true", default=None,
@@ -146,12 +146,13 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _print_summary(server: str, run_id: str) -> None:
+    """Read the run back through the REST API and say where to look."""
     run = _get_json(f"{server}/api/v1/runs/{run_id}")
     series = _get_json(f"{server}/api/v1/runs/{run_id}/series?names=loss,grad_norm&max_points=1")
-    last = {s["name"]: s["max"][0] if s["max"] else None for s in series["series"]}
-    print(f"\nrun {run_id}: {run['num_steps']} steps, {len(run['layers'])} layers, "
-          f"steps {run['last_step'] + 1 - run['num_steps']}..{run['last_step']}")
-    print(f"  max loss {last['loss']}, max total grad norm {last['grad_norm']}")
+    peak = {s["name"]: (s["max"][0] if s["max"] else None) for s in series["series"]}
+    print(f"\nrun {run_id}: {run['num_steps']} steps (last step {run['last_step']}), "
+          f"{len(run['layers'])} layers")
+    print(f"  peak loss {peak['loss']}, peak total grad norm {peak['grad_norm']}")
     print(f"  API:       {server}/api/v1/runs/{run_id}")
     print(f"  dashboard: {server}/runs/{run_id}", flush=True)
 
