@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,3 +61,15 @@ def test_upgrade_to_head_then_downgrade_to_base(empty_database: str) -> None:
     assert _tables(empty_database) <= {"alembic_version"}
     upgrade(empty_database)  # and back up again, cleanly
     assert _tables(empty_database) >= TABLES
+
+
+def test_migrate_command_up_and_down(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    up = subprocess.run([sys.executable, "-m", "server.cli", "migrate", "--database-url", url],
+                        capture_output=True, text=True, timeout=120)
+    assert up.returncode == 0, up.stderr
+    assert TABLES <= _tables(url)
+    down = subprocess.run([sys.executable, "-m", "server.cli", "migrate", "base", "--downgrade",
+                           "--database-url", url], capture_output=True, text=True, timeout=120)
+    assert down.returncode == 0, down.stderr
+    assert _tables(url) <= {"alembic_version"}

@@ -1,0 +1,30 @@
+"""The REST surface is documented: OpenAPI lists every public endpoint."""
+
+from __future__ import annotations
+
+import httpx
+
+PUBLIC = {
+    ("post", "/api/v1/runs"),
+    ("post", "/api/v1/runs/{run_id}/steps"),
+    ("get", "/api/v1/projects"),
+    ("get", "/api/v1/runs"),
+    ("get", "/api/v1/runs/{run_id}"),
+    ("get", "/api/v1/runs/{run_id}/series"),
+    ("get", "/api/v1/runs/{run_id}/layers"),
+    ("get", "/healthz"),
+}
+
+
+def test_openapi_lists_the_endpoints(api: httpx.Client) -> None:
+    spec = api.get("/openapi.json").json()
+    found = {(m, p) for p, ops in spec["paths"].items() for m in ops}
+    assert PUBLIC <= found
+    body = spec["paths"]["/api/v1/runs/{run_id}/steps"]["post"]["requestBody"]
+    assert "steps" in str(body["content"]["application/json"]["schema"])
+    assert api.get("/docs").status_code == 200
+
+
+def test_unknown_route_is_a_json_404(api: httpx.Client) -> None:
+    resp = api.get("/api/v1/nothing-here")
+    assert resp.status_code == 404 and resp.json()["error"] == "NotFound"
