@@ -6,32 +6,41 @@ gzip-compressed ``POST {server}/api/v1/runs/{run}/steps``. Connection errors, 5x
 are retried with exponential backoff (0.5 s doubling to 30 s, jittered) while new data keeps
 arriving in the deque, whose oldest entries are dropped (and counted) when it is full. Any
 other 4xx drops that batch with a warning carrying the collector's message.
+
+With a spool (``spool_dir``, see :mod:`client_hooks.spool`) nothing needs to be dropped while
+the collector is away. Spill policy: once the collector has been failing for ``spool_after``
+seconds, or the deque is half full, or the sender is closing, the failed batch and everything
+in the deque are written to the spool, and from then on each wake-up (``flush_interval``)
+moves the deque to disk while the backoff schedule probes the collector with the oldest spooled
+batch. Once that succeeds, the spool is replayed oldest first before anything newer in memory
+(the deque is only appended to the spool's tail if it fills up meanwhile), and each spooled
+batch is forgotten only after a 2xx. Offline (``offline=True`` or ``server=None``) everything
+goes to the spool, for ``gradsentry sync``. All disk I/O happens in the sender thread.
 """
 
 from __future__ import annotations
 
 import atexit
-import http.client
-import json
+import gzip
 import logging
 import os
 import random
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections import deque
+from dataclasses import dataclass
 from typing import Any, Protocol
 
+from . import spool as spool_mod
 from . import wire
 
 logger = logging.getLogger("client_hooks")
 
 BACKOFF_START = 0.5
 BACKOFF_CAP = 30.0
-_RETRY_STATUS = frozenset((408, 429))
 _EXIT_TIMEOUT = 5.0
+_SPILL_RESERVE = 3.0  # close() waits this much longer for memory to reach the spool
 
 
 class Item(Protocol):
@@ -40,17 +49,29 @@ class Item(Protocol):
     def to_record(self) -> dict[str, Any]: ...
 
 
+@dataclass
+class _Batch:
+    body: bytes  # uncompressed wire JSON
+    steps: int
+    spooled: bool  # read from the spool (pop it once resolved) or held in memory
+
+
 class Sender:
     """A bounded queue of steps and the daemon thread that delivers them.
 
     ``run_spec`` is the JSON body of ``POST /api/v1/runs``. :attr:`stats` counts steps:
-    ``enqueued == sent + dropped + failed_steps + pending`` at all times.
+    ``enqueued + recovered == sent + dropped + failed_steps + spooled + pending`` at all times
+    (``spooled`` and ``recovered``, steps found in the spool at start, only with a spool).
     """
 
-    def __init__(self, server: str, run_id: str, run_spec: dict[str, Any], *,
+    def __init__(self, server: str | None, run_id: str, run_spec: dict[str, Any], *,
                  token: str | None = None, flush_interval: float = 1.0, max_queue: int = 10000,
-                 max_batch: int = 1000, http_timeout: float = 10.0) -> None:
-        base = server.rstrip("/") + "/api/v1/runs"
+                 max_batch: int = 1000, http_timeout: float = 10.0,
+                 spool_dir: str | os.PathLike[str] | None = None, offline: bool = False,
+                 spool_max_bytes: int = spool_mod.DEFAULT_MAX_BYTES,
+                 spool_after: float = 5.0) -> None:
+        self._offline = offline or server is None
+        base = (server or "").rstrip("/") + "/api/v1/runs"
         self._runs_url = base
         self._steps_url = f"{base}/{urllib.parse.quote(run_id, safe='')}/steps"
         self._run_spec = run_spec
@@ -60,8 +81,20 @@ class Sender:
         self._interval = flush_interval
         self._max_batch = max_batch
         self._wake_at = min(max_batch, max_queue)
+        self._spill_at = max(1, max_queue // 2)
         self._http_timeout = http_timeout
         self._queue: deque[Item] = deque(maxlen=max_queue)
+        if self._offline and spool_dir is None:
+            spool_dir = spool_mod.default_root()
+        self._spool = (None if spool_dir is None else
+                       spool_mod.Spool(os.path.join(spool_dir, run_id), max_bytes=spool_max_bytes))
+        self._spool_after = spool_after
+        self._spool_dropped = 0  # spool.dropped already counted in stats
+        self._held: _Batch | None = None  # the batch being delivered
+        self._down_since: float | None = None  # first failure of the current outage
+        self._attempt = 0
+        self._retry_at = 0.0
+        self._seen_gen = 0
         self._inflight = 0
         self._run_created = False
         self._stopping = False
@@ -71,6 +104,8 @@ class Sender:
         self._warned: set[str] = set()
         self._counts = dict.fromkeys(("enqueued", "sent", "dropped", "failed_batches",
                                       "failed_steps"), 0)
+        if self._spool is not None:
+            self._counts.update(spooled=0, recovered=0)
         self._pid = -1
         self._thread: threading.Thread | None = None
         self._cond = threading.Condition()
@@ -79,9 +114,16 @@ class Sender:
 
     @property
     def stats(self) -> dict[str, int]:
-        """Step counts: enqueued, sent, dropped (queue full), failed (rejected), pending."""
+        """Step counts: enqueued, sent, dropped (queue full or spool over its limit), failed
+        (rejected), pending (in memory); with a spool also spooled (on disk, undelivered) and
+        recovered (found on disk at start, left by an earlier process)."""
         with self._cond:
             return {**self._counts, "pending": len(self._queue) + self._inflight}
+
+    @property
+    def spool_dir(self) -> str | None:
+        """This run's spool directory, if spooling is on."""
+        return None if self._spool is None else str(self._spool.directory)
 
     def put(self, item: Item) -> None:
         """Queue one step; when the queue is full the oldest step is dropped and counted."""
@@ -100,13 +142,14 @@ class Sender:
             self._warn("put", "gradsentry: could not queue a step", exc_info=True)
 
     def flush(self, timeout: float = 10.0) -> bool:
-        """Wait until every step queued before this call is delivered or given up on.
+        """Wait until every step queued before this call is delivered or given up on
+        (offline: written to the spool).
 
         Returns False if some were still pending after ``timeout`` seconds. Cuts a running
         retry backoff short once, so a collector that came back is reached at once.
         """
         with self._cond:
-            target = self._counts["enqueued"]
+            target = self._counts["enqueued"] + self._counts.get("recovered", 0)
             if self._closed:
                 return self._resolved() >= target
             self._flush_gen += 1
@@ -118,7 +161,11 @@ class Sender:
                 self._flush_waiters -= 1
 
     def close(self, timeout: float = 10.0) -> None:
-        """Flush (bounded by ``timeout``), stop the thread and log a summary at INFO."""
+        """Flush (bounded by ``timeout``), stop the thread and log a summary at INFO.
+
+        With a spool, whatever is still in memory is then written to it (this may take up to
+        a few seconds more) for a later run or ``gradsentry sync`` to deliver.
+        """
         if self._closed:
             return
         deadline = time.monotonic() + timeout
@@ -127,12 +174,19 @@ class Sender:
             self._closed = self._stopping = True
             self._cond.notify_all()
         if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(max(0.05, deadline - time.monotonic()))
+            reserve = _SPILL_RESERVE if self._spool is not None else 0.05
+            self._thread.join(max(reserve, deadline - time.monotonic()))
         atexit.unregister(self._at_exit)
         s = self.stats
-        logger.info("gradsentry: sent %d steps, dropped %d (queue full), failed %d in %d "
+        logger.info("gradsentry: sent %d steps, dropped %d (queue full%s), failed %d in %d "
                     "rejected batches, %d pending lost", s["sent"], s["dropped"],
-                    s["failed_steps"], s["failed_batches"], s["pending"])
+                    " or spool limit" if self._spool is not None else "", s["failed_steps"],
+                    s["failed_batches"], s["pending"])
+        if s.get("spooled"):
+            logger.warning("gradsentry: %d steps are spooled in %s; upload them with "
+                           "`gradsentry sync %s`%s", s["spooled"], self.spool_dir,
+                           self.spool_dir, "" if self._offline else
+                           " (or resume the run with the same id)")
 
     # -- thread ---------------------------------------------------------------------------
 
@@ -147,139 +201,265 @@ class Sender:
         self._pid = os.getpid()
         self._cond = threading.Condition()
         self._inflight = 0
+        self._held = None
+        if self._spool is not None and self._spool.is_open:
+            self._spool = None  # the parent's: its lock and files are not ours
         self._thread = threading.Thread(target=self._loop, name="gradsentry-sender", daemon=True)
         self._thread.start()
 
     def _resolved(self) -> int:
         c = self._counts
-        return c["sent"] + c["dropped"] + c["failed_steps"]
+        return (c["sent"] + c["dropped"] + c["failed_steps"]
+                + (c.get("spooled", 0) if self._offline else 0))
+
+    def _waiting(self) -> bool:
+        """The collector failed and the next attempt is not due yet."""
+        return self._down_since is not None and time.monotonic() < self._retry_at
+
+    def _ready(self) -> bool:
+        if self._stopping or self._flush_gen != self._seen_gen:
+            return True
+        if self._waiting() or self._offline:
+            return (bool(self._queue) and self._should_spill()
+                    and (self._flush_waiters > 0 or len(self._queue) >= self._wake_at))
+        return bool(self._queue) and (self._flush_waiters > 0
+                                      or len(self._queue) >= self._wake_at)
 
     def _loop(self) -> None:
+        self._open_spool(create=self._offline)
         while True:
             with self._cond:
-                self._cond.wait_for(
-                    lambda: self._stopping or (bool(self._queue) and (
-                        self._flush_waiters > 0 or len(self._queue) >= self._wake_at)),
-                    self._interval)
-                if self._stopping:
-                    return
+                timeout = self._interval
+                if self._down_since is not None:
+                    timeout = min(timeout, max(0.0, self._retry_at - time.monotonic()))
+                self._cond.wait_for(self._ready, timeout)
+                stopping = self._stopping
             try:
+                if stopping:
+                    self._shutdown()
+                    return
                 self._drain()
             except Exception:
                 self._warn("loop", "gradsentry: sender error", exc_info=True)
+                if stopping:
+                    return
 
     def _drain(self) -> None:
-        while self._queue and not self._stopping:
-            created = self._ensure_run()
-            if created is None:
-                return  # stopping
+        if self._flush_gen != self._seen_gen:
+            self._seen_gen = self._flush_gen
+            self._retry_at = 0.0  # a flush() cuts the backoff short
+        while not self._stopping:
+            if self._offline or self._waiting():
+                if self._should_spill():
+                    self._spill()
+                return
+            if self._spool is not None and self._spool.pending and (
+                    len(self._queue) >= self._spill_at):
+                self._spill()  # replaying a long spool: keep memory bounded, order intact
+            if self._held is None and not self._queue and not (
+                    self._spool is not None and self._spool.pending):
+                return
+            status = self._create_run() if not self._run_created else 200
+            batch = None
+            if status is not None and 200 <= status < 300:
+                batch = self._next_batch()
+                if batch is None:
+                    return
+                status = self._deliver(batch)
+            if spool_mod.retryable(status):
+                self._failed()
+                return
+            assert status is not None
+            if self._down_since is not None:
+                logger.info("gradsentry: collector reachable again after %.1f s",
+                            time.monotonic() - self._down_since)
+            self._down_since, self._attempt = None, 0
+            if batch is None:  # the run was rejected: so is the batch that waits for it
+                batch = self._next_batch()
+                if batch is None:
+                    return
+            self._resolve(batch, sent=200 <= status < 300)
+
+    def _failed(self) -> None:
+        """The collector is unreachable or overloaded: back off, maybe move data to disk."""
+        now = time.monotonic()
+        if self._down_since is None:
+            self._down_since = now
+        delay = min(BACKOFF_CAP, BACKOFF_START * 2.0**self._attempt)
+        self._retry_at = now + delay / 2 + random.uniform(0, delay / 2)  # jitter
+        self._attempt += 1
+        if self._should_spill():
+            self._spill()
+
+    def _next_batch(self) -> _Batch | None:
+        """The oldest undelivered batch: held in memory, else the spool's head, else the deque."""
+        if self._held is not None:
+            return self._held
+        if self._spool is not None and self._spool.pending:
+            head = self._spool.peek()
+            self._count_spool()  # peek() may have found segments gone from disk
+            if head is not None:
+                return _Batch(head[0], head[1], spooled=True)
+        self._held = self._take()
+        return self._held
+
+    def _take(self) -> _Batch | None:
+        """Up to ``max_batch`` steps from the deque, encoded (None when it is empty)."""
+        while True:
             with self._cond:
                 n = min(self._max_batch, len(self._queue))
+                if n == 0:
+                    return None
                 items = [self._queue.popleft() for _ in range(n)]
-                self._inflight = n
+                self._inflight += n
             records = []
             for item in items:
                 try:
                     records.append(item.to_record())
                 except Exception:
                     self._warn("record", "gradsentry: could not read a step", exc_info=True)
-                    self._finish(1, sent=False)
-            if not records:
-                continue
-            try:
-                if created:
-                    self._send_batch(records)
-                else:
-                    self._finish(len(records), sent=False, batch=True)
-            except Exception:  # keep the counts whole: an unexpected bug fails the batch
-                self._warn("send", "gradsentry: could not send a batch", exc_info=True)
-                self._finish(len(records), sent=False, batch=True)
+                    self._count(inflight=-1, failed_steps=1)
+            if records:
+                body, _ = wire.encode_batch(records, compress=False)
+                return _Batch(body, len(records), spooled=False)
 
-    def _finish(self, n: int, *, sent: bool, batch: bool = False) -> None:
-        """Resolve ``n`` in-flight steps as sent or failed (``batch``: a rejected request)."""
+    def _resolve(self, batch: _Batch, *, sent: bool) -> None:
+        outcome = {"sent": batch.steps} if sent else {"failed_steps": batch.steps,
+                                                      "failed_batches": 1}
+        if batch.spooled:
+            assert self._spool is not None
+            self._spool.pop()
+            self._count_spool(**outcome)
+        else:
+            self._held = None
+            self._count(inflight=-batch.steps, **outcome)
+
+    def _count_spool(self, inflight: int = 0, dropped: int = 0, **deltas: int) -> None:
+        """Count ``deltas`` and bring ``spooled``/``dropped`` in line with the spool's own."""
+        assert self._spool is not None
+        dropped += self._spool.dropped - self._spool_dropped
+        self._spool_dropped = self._spool.dropped
+        self._count(inflight, dropped=dropped, **deltas,
+                    spooled=self._spool.pending - self._counts["spooled"])
+
+    def _count(self, inflight: int = 0, **deltas: int) -> None:
         with self._cond:
-            self._inflight -= n
-            self._counts["sent" if sent else "failed_steps"] += n
-            self._counts["failed_batches"] += int(batch)
+            self._inflight += inflight
+            for key, delta in deltas.items():
+                self._counts[key] += delta
             self._cond.notify_all()
 
-    def _ensure_run(self) -> bool | None:
-        """True once the run exists, False if the collector rejected it, None when stopping."""
-        attempt = 0
-        while not self._run_created:
-            status, body = self._post(self._runs_url, wire.dumps(self._run_spec),
-                                      {"Content-Type": wire.CONTENT_TYPE})
-            if status is not None and 200 <= status < 300:
-                self._run_created = True
-                logger.info("gradsentry: run %s %s at %s", self._run_spec.get("id"),
-                            "resumed" if status == 200 else "created", self._runs_url)
-            elif _retryable(status):
-                if not self._backoff(attempt):
-                    return None
-                attempt += 1
-            else:
-                self._reject("creating the run", status, body)
-                return False
-        return True
+    # -- network --------------------------------------------------------------------------
 
-    def _send_batch(self, records: list[dict[str, Any]]) -> None:
-        body, headers = wire.encode_batch(records)
-        attempt = 0
-        recreated = False
-        while True:
+    def _deliver(self, batch: _Batch) -> int | None:
+        """One attempt to deliver ``batch``: the status that decides its fate, None when the
+        collector was unreachable."""
+        body, headers = _gzip(batch.body)
+        status, answer = self._post(self._steps_url, body, headers)
+        if status == 404:
+            # The collector lost the run (e.g. a fresh embedded database): announce it again.
+            self._run_created = False
+            created = self._create_run()
+            if created is None or not 200 <= created < 300:
+                return created
             status, answer = self._post(self._steps_url, body, headers)
-            if status is not None and 200 <= status < 300:
-                self._finish(len(records), sent=True)
-                return
-            if status == 404 and not recreated:
-                # The collector lost the run (e.g. a fresh embedded database): announce it again.
-                recreated = True
-                self._run_created = False
-                created = self._ensure_run()
-                if created is None:
-                    return  # stopping: the batch stays pending and close() reports it lost
-                if not created:
-                    self._finish(len(records), sent=False, batch=True)
-                    return
-                continue
-            if not _retryable(status):
-                self._reject(f"sending {len(records)} steps", status, answer)
-                self._finish(len(records), sent=False, batch=True)
-                return
-            if not self._backoff(attempt):
-                return  # stopping: as above
-            attempt += 1
+        if status is not None and not 200 <= status < 300 and not spool_mod.retryable(status):
+            self._reject(f"sending {batch.steps} steps", status, answer)
+        return status
 
-    def _backoff(self, attempt: int) -> bool:
-        """Sleep before retry ``attempt`` (0-based); False when asked to stop."""
-        delay = min(BACKOFF_CAP, BACKOFF_START * 2.0**attempt)
-        delay = delay / 2 + random.uniform(0, delay / 2)  # jitter: spread reconnecting clients
-        with self._cond:
-            gen = self._flush_gen
-            self._cond.wait_for(lambda: self._stopping or self._flush_gen != gen, delay)
-            return not self._stopping
+    def _create_run(self) -> int | None:
+        status, body = self._post(self._runs_url, wire.dumps(self._run_spec),
+                                  {"Content-Type": wire.CONTENT_TYPE})
+        if status is not None and 200 <= status < 300:
+            self._run_created = True
+            logger.info("gradsentry: run %s %s at %s", self._run_spec.get("id"),
+                        "resumed" if status == 200 else "created", self._runs_url)
+        elif not spool_mod.retryable(status):
+            self._reject("creating the run", status, body)
+        return status
 
     def _post(self, url: str, body: bytes, headers: dict[str, str]) -> tuple[int | None, bytes]:
-        request = urllib.request.Request(url, data=body, method="POST",
-                                         headers={**self._headers, **headers})
+        status, answer, error = spool_mod.post(url, body, {**self._headers, **headers},
+                                               self._http_timeout)
+        if status is None:
+            self._warn("connect", f"gradsentry: collector unreachable ({error}); retrying")
+        return status, answer
+
+    # -- spool ----------------------------------------------------------------------------
+
+    def _open_spool(self, create: bool) -> bool:
+        """Open the spool if it exists (a previous process left batches) or ``create``."""
+        spool = self._spool
+        if spool is None:
+            return False
+        if spool.is_open:
+            return True
+        if not create and not spool.directory.exists():
+            return False
         try:
-            with urllib.request.urlopen(request, timeout=self._http_timeout) as response:
-                return int(response.status), response.read()
-        except urllib.error.HTTPError as err:
-            with err:
-                return err.code, err.read()
-        except (OSError, http.client.HTTPException) as err:  # refused, reset, timeout, DNS
-            self._warn("connect", f"gradsentry: collector unreachable ({err}); retrying")
-            return None, b""
+            found = spool.open()
+            spool.write_run(self._run_spec)
+        except OSError as err:
+            self._warn("spool-open", f"gradsentry: spool {spool.directory} unusable ({err}); "
+                       "continuing without it")
+            self._spool = None
+            with self._cond:
+                self._counts.pop("spooled", None)
+                self._counts.pop("recovered", None)
+            return False
+        self._spool_dropped = spool.dropped
+        if found:
+            logger.info("gradsentry: %d steps found in spool %s; replaying them first", found,
+                        spool.directory)
+            self._count_spool(recovered=found)
+        return True
+
+    def _should_spill(self) -> bool:
+        if self._spool is None:
+            return False
+        if self._offline or self._stopping or len(self._queue) >= self._spill_at:
+            return True
+        return (self._down_since is not None
+                and time.monotonic() - self._down_since >= self._spool_after)
+
+    def _spill(self) -> None:
+        """Move the held batch, then the whole deque, to the spool's tail (in that order)."""
+        if not self._open_spool(create=True):
+            return
+        assert self._spool is not None
+        if self._held is not None:
+            self._to_spool(self._held)
+            self._held = None
+        while (batch := self._take()) is not None:
+            self._to_spool(batch)
+
+    def _to_spool(self, batch: _Batch) -> None:
+        assert self._spool is not None
+        before = self._spool.dropped
+        try:
+            self._spool.append(batch.body, batch.steps)
+        except OSError as err:  # disk full, permissions: this batch is lost, say so
+            self._warn("spool-write", f"gradsentry: could not write to the spool ({err}); "
+                       f"{batch.steps} steps dropped")
+            self._count_spool(inflight=-batch.steps, dropped=batch.steps)
+            return
+        if self._spool.dropped > before:
+            self._warn("spool-full", f"gradsentry: spool over {self._spool.max_bytes} bytes; "
+                       "dropping its oldest steps")
+        self._count_spool(inflight=-batch.steps)
+
+    def _shutdown(self) -> None:
+        """Closing: keep what could not be delivered on disk, if there is a spool."""
+        if self._spool is None:
+            return
+        if self._held is not None or self._queue:
+            self._spill()
+        if self._spool.is_open:
+            self._spool.close(remove_if_empty=not self._offline)
 
     def _reject(self, what: str, status: int | None, body: bytes) -> None:
-        try:
-            answer = json.loads(body)
-            message = f"{answer.get('error')}: {answer.get('detail')}"
-        except (ValueError, AttributeError):
-            message = body[:300].decode("utf-8", "replace")
-        self._warn(f"reject-{status}",
-                   f"gradsentry: collector rejected {what} (HTTP {status}): {message}; dropped")
+        self._warn(f"reject-{status}", f"gradsentry: collector rejected {what} "
+                   f"({spool_mod.describe_error(status, body)}); dropped")
 
     def _warn(self, key: str, message: str, exc_info: bool = False) -> None:
         """Warn once per kind of problem, then at DEBUG: a long run must not flood its log."""
@@ -288,5 +468,6 @@ class Sender:
         logger.log(level, message, exc_info=exc_info)
 
 
-def _retryable(status: int | None) -> bool:
-    return status is None or status >= 500 or status in _RETRY_STATUS
+def _gzip(body: bytes) -> tuple[bytes, dict[str, str]]:
+    return gzip.compress(body, compresslevel=5), {"Content-Type": wire.CONTENT_TYPE,
+                                                  "Content-Encoding": "gzip"}

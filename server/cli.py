@@ -1,4 +1,4 @@
-"""``gradsentry`` command line: serve | migrate | demo."""
+"""``gradsentry`` command line: serve | migrate | demo | sync."""
 
 from __future__ import annotations
 
@@ -43,8 +43,18 @@ def main(argv: list[str] | None = None) -> int:
     keep.add_argument("--exit", dest="keep", action="store_false",
                       help="stop the embedded collector when training ends")
 
+    sync = sub.add_parser("sync", help="upload a spool or an offline run directory")
+    sync.add_argument("directory", help="a run's spool directory, or a spool root of several")
+    sync.add_argument("--server", default=os.environ.get("GRADSENTRY_SERVER",
+                                                         "http://127.0.0.1:8000"),
+                      help="collector URL (default: $GRADSENTRY_SERVER or %(default)s)")
+    sync.add_argument("--token", default=os.environ.get("GRADSENTRY_TOKEN"),
+                      help="bearer token (default: $GRADSENTRY_TOKEN)")
+    sync.add_argument("--attempts", type=int, default=5,
+                      help="tries per request when the collector is unreachable or busy")
+
     args = parser.parse_args(argv)
-    handler = {"serve": _serve, "migrate": _migrate, "demo": _demo}[args.command]
+    handler = {"serve": _serve, "migrate": _migrate, "demo": _demo, "sync": _sync}[args.command]
     return handler(args)
 
 
@@ -77,6 +87,14 @@ def _migrate(args: argparse.Namespace) -> int:
         upgrade(settings.database_url, args.revision)
     print(f"database {_redact(settings.database_url)} at revision {args.revision}")
     return 0
+
+
+def _sync(args: argparse.Namespace) -> int:
+    # Standard library only (no torch): the client's spool module is shared with the sender.
+    from client_hooks.spool import sync
+
+    return sync(args.directory, args.server, token=args.token, attempts=max(1, args.attempts),
+                out=lambda line: print(line, flush=True))
 
 
 def _redact(url: str) -> str:
