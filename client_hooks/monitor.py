@@ -2,30 +2,44 @@
 
 Where the measurement sits (DESIGN.md, "Measurement semantics"): every trainable parameter gets
 a post-accumulate-grad hook; the first one to fire in a backward pass queues an autograd
-engine callback that runs when that backward pass ends, i.e. after accumulation and before
-anything the training loop does next (clipping, the optimizer step). The callback reduces all
-gradients to per-layer norms on the device (:mod:`client_hooks.norms`) and keeps the result as
-the *stash*; each backward replaces it, so with gradient accumulation the stash at
-``optimizer.step()`` is the accumulated gradient's. An optimizer step post-hook freezes that
-stash for the step, and :meth:`Monitor.log` packs it with the loss into one device tensor,
-starts a non-blocking copy to the host and queues it for the sender thread. Nothing here reads
-a device value, so the training thread never waits for the GPU.
+engine callback A. A runs when the backward pass ends and queues a second callback B, which
+the engine runs after every callback queued during the pass, in particular after
+DistributedDataParallel's reducer has finished its all-reduce (DDP queues its finalizer when
+the last bucket is ready, after A). So A sees this rank's local gradient (kept as
+``local_grad_norm`` when the world size is > 1) and B the gradient the optimizer will see:
+accumulated, all-reduced, not yet clipped. B reduces all gradients to per-layer norms on the
+device (:mod:`client_hooks.norms`), divided by the AMP loss scale when a ``GradScaler`` is
+declared, and keeps the result as the *stash*; each backward replaces it, so with gradient
+accumulation the stash at ``optimizer.step()`` is the accumulated gradient's.
+
+The optimizer step pre-hook runs after clipping (and after the scaler's unscale): one more
+batched norm there gives ``clip_coef`` = post-clip total / pre-clip total. The step post-hook
+freezes the stash for the step, and :meth:`Monitor.log` packs it with the loss into one device
+tensor, starts a non-blocking copy to the host and queues it for the sender thread. A step the
+scaler skipped (inf/NaN gradients) fires no optimizer hook: ``log()`` then sends an
+``overflow`` record without norms. A fused optimizer is stepped even then and skips on the
+device; its ``found_inf`` flag travels packed and the sender thread drops the norms. Nothing
+here reads a device value, so the training thread never waits for the GPU.
 """
 
 from __future__ import annotations
 
 import logging
 import numbers
+import os
 import re
 import secrets
+import threading
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
 import torch
 from torch.utils.hooks import RemovableHandle
 
+from . import spool as spool_mod
 from . import wire
 from .norms import LayerNorms
 from .record import PendingStep
@@ -37,11 +51,14 @@ RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 def watch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, project: str = "default",
-          run: str | None = None, server: str = "http://127.0.0.1:8000",
+          run: str | None = None, server: str | None = "http://127.0.0.1:8000",
           token: str | None = None, name: str | None = None,
           config: Mapping[str, Any] | None = None, tags: Iterable[str] | None = None,
           batch_size: int | None = None, flush_interval: float = 1.0, max_queue: int = 10000,
-          enabled: bool = True) -> Monitor:
+          enabled: bool = True, scaler: torch.amp.GradScaler | None = None,
+          rank: int | None = None, all_ranks: bool = False, offline: bool = False,
+          spool_dir: str | os.PathLike[str] | None = None, spool: bool = True,
+          spool_max_bytes: int = spool_mod.DEFAULT_MAX_BYTES) -> Monitor:
     """Start streaming gradient telemetry of ``model`` trained by ``optimizer``.
 
     Call ``mon.log(loss=..., batch_size=...)`` once per optimizer step, after
@@ -57,6 +74,18 @@ def watch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, project: 
         flush_interval: seconds between deliveries when fewer than a batch are queued.
         max_queue: steps kept while the collector is slow or down; beyond, the oldest drop.
         enabled: ``False`` returns a monitor that registers nothing and sends nothing.
+        scaler: the AMP ``GradScaler`` scaling the loss: norms are reported unscaled, with
+            ``loss_scale``; steps it skips are sent as ``overflow`` records without norms and
+            counted in ``stats["overflow"]``. Step indices then count skipped steps too.
+        rank: this process's data-parallel rank; default: ``torch.distributed``'s, or 0.
+            Only rank 0 sends, unless ``all_ranks`` (rank ``r > 0`` then sends to run
+            ``f"{run}-rank{r}"``). The world size goes into the run's semantics.
+        offline: write records only to the spool (also when ``server`` is None); upload
+            later with ``gradsentry sync DIR``.
+        spool_dir: root of the disk spool (default ``$GRADSENTRY_SPOOL_DIR`` or
+            ``~/.cache/gradsentry/spool``); records go there while the collector is
+            unreachable and are replayed in order when it returns. ``spool=False`` keeps
+            everything in memory only. ``spool_max_bytes`` caps its size (oldest dropped).
 
     Raises:
         ValueError: a malformed run id, server URL or queue setting (setup errors, not
@@ -64,13 +93,36 @@ def watch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, project: 
     """
     return Monitor(model, optimizer, project=project, run=run, server=server, token=token,
                    name=name, config=config, tags=tags, batch_size=batch_size,
-                   flush_interval=flush_interval, max_queue=max_queue, enabled=enabled)
+                   flush_interval=flush_interval, max_queue=max_queue, enabled=enabled,
+                   scaler=scaler, rank=rank, all_ranks=all_ranks, offline=offline,
+                   spool_dir=spool_dir, spool=spool, spool_max_bytes=spool_max_bytes)
 
 
 def new_run_id(project: str) -> str:
     """``{project}-{YYYYmmdd-HHMMSS}-{6 hex}`` (UTC), the project sanitised to the id alphabet."""
     stem = re.sub(r"[^A-Za-z0-9._-]+", "-", project).lstrip("._-")[:100] or "run"
     return f"{stem}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
+
+
+@dataclass
+class _Measured:
+    """What one backward pass measured: device tensors, None where not taken."""
+
+    norms: torch.Tensor | None  # LayerNorms.compute(), unscaled
+    local: torch.Tensor | None = None  # this rank's total before the all-reduce, unscaled
+    scale: torch.Tensor | None = None  # the loss scale the backward ran with
+    micro_batches: int = 1
+
+
+@dataclass
+class _Frozen:
+    """The measurements of one optimizer step, frozen by its post-hook."""
+
+    measured: _Measured | None
+    clip_coef: torch.Tensor | None
+    index: int
+    lr: float | torch.Tensor
+    found_inf: torch.Tensor | None = None  # a fused optimizer's skip flag, set by the scaler
 
 
 class Monitor:
@@ -82,44 +134,74 @@ class Monitor:
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *,
                  project: str = "default", run: str | None = None,
-                 server: str = "http://127.0.0.1:8000", token: str | None = None,
+                 server: str | None = "http://127.0.0.1:8000", token: str | None = None,
                  name: str | None = None, config: Mapping[str, Any] | None = None,
                  tags: Iterable[str] | None = None, batch_size: int | None = None,
                  flush_interval: float = 1.0, max_queue: int = 10000,
-                 enabled: bool = True) -> None:
+                 enabled: bool = True, scaler: torch.amp.GradScaler | None = None,
+                 rank: int | None = None, all_ranks: bool = False, offline: bool = False,
+                 spool_dir: str | os.PathLike[str] | None = None, spool: bool = True,
+                 spool_max_bytes: int = spool_mod.DEFAULT_MAX_BYTES) -> None:
+        self.world_size, self.rank = _world(rank)
         self.run_id = new_run_id(project) if run is None else run
+        if self.rank > 0 and all_ranks:
+            self.run_id = f"{self.run_id[:120]}-rank{self.rank}"
         if not RUN_ID_RE.match(self.run_id):
             raise ValueError(f"run id {self.run_id!r} does not match {RUN_ID_RE.pattern}")
-        if not server.startswith(("http://", "https://")):
+        offline = offline or server is None
+        if offline and not spool:
+            raise ValueError("offline=True needs the spool (spool=True)")
+        if server is not None and not server.startswith(("http://", "https://")):
             raise ValueError(f"server must be an http(s) URL, got {server!r}")
         if flush_interval <= 0 or max_queue < 1:
             raise ValueError("flush_interval must be > 0 and max_queue >= 1")
         self.project = project
         self._optimizer = optimizer
+        self._scaler = scaler
+        model, bucket_view = _unwrap(model)
+        # With gradient_as_bucket_view the local gradient is all-reduced in place while
+        # callback A runs: no clean local norm to take.
+        self._measure_local = self.world_size > 1 and not bucket_view
         self._norms = LayerNorms(model.named_parameters())
         self.layers: list[str] = list(self._norms.layers)
         self._batch_size = batch_size
         self._samples = 0
         self._steps = 0  # completed optimizer.step() calls
-        self._stash: torch.Tensor | None = None
-        self._frozen: tuple[torch.Tensor | None, int, float | torch.Tensor] | None = None
-        self._queued_task: int | None = None
+        self._stash: _Measured | None = None
+        self._frozen: _Frozen | None = None
+        self._clip_coef: torch.Tensor | None = None
+        self._found_inf: torch.Tensor | None = None
+        self._local: torch.Tensor | None = None
+        self._micro = 0  # backward passes since the last optimizer step
+        self._queued_tasks: set[int] = set()
         self._errors = 0
+        self._overflows = 0
+        self._lock = threading.Lock()
         self._warned: set[str] = set()
         self._handles: list[RemovableHandle] = []
         self._closed = False
+        self._enabled = enabled
         self._sender: Sender | None = None
         if not enabled:
             return
+        semantics = {**wire.DEFAULT_SEMANTICS, "world_size": self.world_size}
+        if self.world_size > 1:
+            semantics["rank"] = self.rank
         spec = {"id": self.run_id, "project": project, "name": name or self.run_id,
                 "config": _jsonable(dict(config or {})), "tags": [str(t) for t in tags or ()],
-                "batch_size": batch_size, "world_size": 1, "layers": self.layers,
-                "semantics": dict(wire.DEFAULT_SEMANTICS)}
-        self._sender = Sender(server, self.run_id, spec, token=token,
-                              flush_interval=flush_interval, max_queue=max_queue)
+                "batch_size": batch_size, "world_size": self.world_size, "layers": self.layers,
+                "semantics": semantics}
+        if self.rank == 0 or all_ranks:
+            root = spool_dir if spool_dir is not None else (
+                spool_mod.default_root() if spool else None)
+            self._sender = Sender(server, self.run_id, spec, token=token,
+                                  flush_interval=flush_interval, max_queue=max_queue,
+                                  spool_dir=root, offline=offline,
+                                  spool_max_bytes=spool_max_bytes)
         for param in self._norms.params:
             handle = param.register_post_accumulate_grad_hook(self._on_grad)  # type: ignore[no-untyped-call]
             self._handles.append(handle)
+        self._handles.append(optimizer.register_step_pre_hook(self._on_step_pre))
         self._handles.append(optimizer.register_step_post_hook(self._on_step))
 
     # -- public API -----------------------------------------------------------------------
@@ -135,24 +217,37 @@ class Monitor:
         ``loss``, and the extra named ``scalars``. Tensors (``loss``, ``tokens``, scalars, a
         tensor ``lr``) are detached and packed on the device; Python numbers stay Python.
 
-        ``step`` overrides the counted step index (number of ``optimizer.step()`` calls before
-        the logged one, from 0). ``batch_size`` defaults to ``watch(batch_size=)``;
-        ``samples`` defaults to the running sum of batch sizes (an explicit value resets that
-        sum). If no optimizer step ran since the previous ``log()`` (an AMP-skipped step, or
-        ``log()`` before ``step()``), the newest gradient norms are sent under the current
-        step count, which the next step will reuse: the collector keeps the later record.
+        The record also carries ``micro_batches`` (backward passes since the previous step),
+        ``clip_coef`` (post-clip / pre-clip total norm), and with a ``scaler`` ``loss_scale``
+        and ``overflow``, with a world size > 1 ``local_grad_norm`` (see
+        :mod:`client_hooks.wire`).
 
-        Returns the step index queued, or None when disabled, closed or on an internal error
-        (logged once as a warning on the ``client_hooks`` logger).
+        ``step`` overrides the counted step index (number of ``optimizer.step()`` calls before
+        the logged one, from 0, plus skipped AMP steps when a ``scaler`` is declared).
+        ``batch_size`` defaults to ``watch(batch_size=)``; ``samples`` defaults to the running
+        sum of batch sizes (an explicit value resets that sum).
+
+        With a ``scaler`` declared, a backward pass that no optimizer step followed is a step
+        the scaler skipped (it found inf/NaN): its record has ``overflow: true``,
+        ``loss_scale`` and no norms, and it takes a step index of its own. This needs one
+        ``log()`` per iteration, after ``scaler.step()``. Without a scaler, if no optimizer
+        step ran since the previous ``log()`` (``log()`` before ``step()``), the newest
+        gradient norms are sent under the current step count, which the next step will
+        reuse: the collector keeps the later record.
+
+        Returns the step index queued (on a rank that does not send: the index it would have),
+        or None when disabled, closed or on an internal error (logged once as a warning on the
+        ``client_hooks`` logger).
         """
-        if self._sender is None or self._closed:
+        if not self._enabled or self._closed:
             return None
         try:
             item = self._pending(loss, step, batch_size, samples, tokens, scalars)
         except Exception:
             self._warn("log", "gradsentry: log() failed; this step is not recorded")
             return None
-        self._sender.put(item)
+        if self._sender is not None:
+            self._sender.put(item)
         return item.step
 
     def flush(self, timeout: float = 10.0) -> bool:
@@ -172,10 +267,11 @@ class Monitor:
 
     @property
     def stats(self) -> dict[str, int]:
-        """Step counts: enqueued, sent, dropped, failed_steps, failed_batches, pending; and
-        errors (internal failures that were logged and swallowed)."""
+        """Step counts: enqueued, sent, dropped, failed_steps, failed_batches, pending; errors
+        (internal failures that were logged and swallowed); overflow (steps the scaler
+        skipped)."""
         base = self._sender.stats if self._sender is not None else {}
-        return {**base, "errors": self._errors}
+        return {**base, "errors": self._errors, "overflow": self._overflows}
 
     def __enter__(self) -> Monitor:
         return self
@@ -189,29 +285,84 @@ class Monitor:
     def _on_grad(self, param: torch.Tensor) -> None:
         try:
             # One callback per backward pass. Keying on the graph task (not a flag reset by the
-            # callback) survives a backward that raised before its callbacks ran; a reentrant
-            # (checkpointed) inner backward gets its own callback, overwritten by the outer one.
+            # callback) survives a backward that raised before its callbacks ran. A reentrant
+            # (checkpointed) inner backward runs between the outer pass's hooks: a set, not
+            # the last id, keeps the outer pass from being queued twice.
             task = torch._C._current_graph_task_id()
-            if task != self._queued_task:
-                self._queued_task = task
+            if task not in self._queued_tasks:
+                self._queued_tasks.add(task)
                 torch.autograd.Variable._execution_engine.queue_callback(self._on_backward_end)
         except Exception:
             self._warn("grad-hook", "gradsentry: gradient hook failed")
 
     def _on_backward_end(self) -> None:
+        """Callback A: the backward pass is over; DDP's all-reduce may still be pending."""
         try:
-            self._stash = self._norms.compute() if self._norms.params else None
+            self._queued_tasks.discard(torch._C._current_graph_task_id())
+            if torch._C._current_autograd_node() is not None:
+                return  # a backward run by a node of another (reentrant checkpoint): not a pass
+            self._micro += 1
+            scale = self._scale()
+            self._local = self._norms.total(scale) if self._measure_local else None
+            # Runs after every callback queued so far, DDP's finalizer included.
+            torch.autograd.Variable._execution_engine.queue_callback(
+                lambda: self._on_reduced(scale))
         except Exception:
             self._warn("reduce", "gradsentry: gradient norm reduction failed")
 
+    def _on_reduced(self, scale: torch.Tensor | None) -> None:
+        """Callback B: the gradient as the optimizer will see it, before clipping."""
+        try:
+            norms = self._norms.compute(scale) if self._norms.params else None
+            kept = None if scale is None else scale.detach().clone()  # update() changes it
+            self._stash = _Measured(norms, self._local, kept, self._micro)
+        except Exception:
+            self._warn("reduce", "gradsentry: gradient norm reduction failed")
+
+    def _on_step_pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        try:
+            self._clip_coef = None
+            # GradScaler with a fused optimizer (``_step_supports_amp_scaling``) always calls
+            # step(): the optimizer unscales and skips on the device, reading these two.
+            found_inf = getattr(optimizer, "found_inf", None)
+            grad_scale = getattr(optimizer, "grad_scale", None)
+            self._found_inf = found_inf if isinstance(found_inf, torch.Tensor) else None
+            stash = self._stash
+            if stash is None or stash.norms is None or self._micro == 0:
+                return
+            # Gradients are clipped (and unscaled, but for grad_scale) by now: post/pre total.
+            pre = stash.norms[:1]
+            post = self._norms.total(grad_scale if isinstance(grad_scale, torch.Tensor)
+                                     else None)
+            self._clip_coef = torch.where(pre > 0, post / pre, torch.ones_like(pre))
+        except Exception:
+            self._warn("step-pre-hook", "gradsentry: optimizer step pre-hook failed")
+
     def _on_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         try:
-            self._frozen = (self._stash, self._steps, self._lr())
+            self._frozen = _Frozen(self._stash, self._clip_coef, self._steps, self._lr(),
+                                   self._found_inf)
+            self._clip_coef = self._found_inf = None
+            self._micro = 0
+            self._queued_tasks.clear()  # ids of passes that raised before their callbacks ran
             self._steps += 1
         except Exception:
             self._warn("step-hook", "gradsentry: optimizer step hook failed")
 
     # -- internals ------------------------------------------------------------------------
+
+    def _count_overflow(self) -> None:
+        """Count a skipped step (training thread, or sender thread for a fused optimizer)."""
+        with self._lock:
+            self._overflows += 1
+
+    def _scale(self) -> torch.Tensor | None:
+        """The scaler's current scale tensor, read without a sync (``get_scale()`` syncs)."""
+        scaler = self._scaler
+        if scaler is None or not scaler.is_enabled():
+            return None
+        scale = getattr(scaler, "_scale", None)
+        return scale if isinstance(scale, torch.Tensor) else None
 
     def _lr(self) -> float | torch.Tensor:
         lr = self._optimizer.param_groups[0]["lr"]
@@ -220,24 +371,44 @@ class Monitor:
 
     def _pending(self, loss: Any, step: int | None, batch_size: int | None,
                  samples: int | None, tokens: Any, scalars: dict[str, Any]) -> PendingStep:
-        if self._frozen is not None:
-            norms, index, lr = self._frozen
-            self._frozen = None
+        overflow: bool | None = None if self._scaler is None else False
+        clip_coef: torch.Tensor | None = None
+        found_inf: torch.Tensor | None = None  # decided by the sender thread (record.py)
+        frozen, self._frozen = self._frozen, None
+        if frozen is not None:
+            measured, clip_coef, index, lr = (frozen.measured, frozen.clip_coef, frozen.index,
+                                              frozen.lr)
+            found_inf = frozen.found_inf
+        elif self._scaler is not None and self._micro > 0:
+            # Backward ran but no optimizer step: the scaler found inf/NaN and skipped it.
+            overflow = True
+            self._count_overflow()
+            measured, index, lr = self._stash, self._steps, self._lr()
+            self._steps += 1
+            self._micro = 0
         else:
-            norms, index, lr = self._stash, self._steps, self._lr()
+            measured, index, lr = self._stash, self._steps, self._lr()
+        norms = None if measured is None or overflow else measured.norms
         batch_size = self._batch_size if batch_size is None else batch_size
         if samples is not None:
             self._samples = samples
         elif batch_size is not None:
             self._samples += batch_size
             samples = self._samples
-        item = PendingStep(step=index if step is None else int(step), wall_time=time.time())
+        item = PendingStep(step=index if step is None else int(step), wall_time=time.time(),
+                           on_overflow=self._count_overflow)
         parts: list[torch.Tensor] = []
         if norms is not None:
             item.n_layers = len(self.layers)
             parts.append(norms)
-        values = {"loss": loss, "lr": lr, "batch_size": batch_size, "samples": samples,
-                  "tokens": tokens}
+        values: dict[str, Any] = {"loss": loss, "lr": lr, "batch_size": batch_size,
+                                  "samples": samples, "tokens": tokens,
+                                  "overflow": overflow if found_inf is None else found_inf}
+        if measured is not None:
+            values.update(clip_coef=clip_coef, loss_scale=measured.scale,
+                          micro_batches=measured.micro_batches)
+            if not overflow:
+                values["local_grad_norm"] = measured.local
         entries: list[tuple[str, str | None, Any]] = [(k, None, v) for k, v in values.items()]
         entries += [("scalars", k, v) for k, v in scalars.items()]
         for field, sub, value in entries:
@@ -253,6 +424,8 @@ class Monitor:
                 parts.append(value.detach().reshape(1).to(device, torch.float32,
                                                           non_blocking=True))
                 item.packed.append((field, sub))
+            elif isinstance(value, bool) and sub is None:
+                item.fields[field] = value
             elif isinstance(value, numbers.Real):
                 number = int(value) if isinstance(value, numbers.Integral) else float(value)
                 if sub is None:
@@ -274,6 +447,28 @@ class Monitor:
         level = logging.DEBUG if key in self._warned else logging.WARNING
         self._warned.add(key)
         logger.log(level, message, exc_info=exc_info)
+
+
+def _world(rank: int | None) -> tuple[int, int]:
+    """(world size, rank) from ``torch.distributed`` when it is initialised, else (1, 0)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank() if rank is None else rank
+    return 1, 0 if rank is None else rank
+
+
+def _unwrap(model: torch.nn.Module) -> tuple[torch.nn.Module, bool]:
+    """The user's module inside DDP / ``torch.compile`` wrappers (same parameter objects, names
+    without ``module.`` / ``_orig_mod.``), and whether DDP's grads are bucket views."""
+    bucket_view = False
+    while True:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            bucket_view = bool(model.gradient_as_bucket_view)
+            model = model.module
+        elif isinstance(inner := getattr(model, "_orig_mod", None), torch.nn.Module):
+            model = inner  # torch._dynamo's OptimizedModule
+        else:
+            return model, bucket_view
 
 
 def _to_host(packed: torch.Tensor) -> tuple[torch.Tensor, Any]:

@@ -56,11 +56,44 @@ class LayerNorms:
         self._acc = torch.float32 if self.device.type == "mps" else torch.float64
         self._plans: dict[tuple[torch.dtype | None, ...], list[_Group]] = {}
 
-    def compute(self) -> torch.Tensor:
+    def compute(self, scale: torch.Tensor | None = None) -> torch.Tensor:
         """``[total, n_1..n_L, bad_1..bad_L]`` as one float32 tensor on :attr:`device`.
 
+        Norms are divided by ``scale`` (an AMP loss scale, a device tensor) when given.
         Enqueues a handful of kernels per (device, dtype) group; reads nothing back to the host.
         """
+        n = len(self.layers)
+        sq = torch.zeros(n, dtype=self._acc, device=self.device)
+        bad = torch.zeros(n, dtype=self._acc, device=self.device)
+        with torch.no_grad():  # grads require grad under create_graph=True; record nothing
+            groups = self._group_norms()
+            for group, stacked in groups:
+                sq.index_add_(0, group.layer_ids, stacked.square())
+                bad.index_add_(0, group.layer_ids, (~torch.isfinite(stacked)).to(self._acc))
+            total = self._total(groups)
+            layers = sq.sqrt()
+            if scale is not None:
+                inv = 1 / scale.detach().reshape(1).to(self.device, self._acc)
+                total, layers = total * inv, layers * inv
+            return torch.cat([total, layers, bad]).to(torch.float32)
+
+    def total(self, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """The total norm alone, shape ``(1,)`` float32, computed exactly as :meth:`compute`
+        computes it: equal gradients give bit-equal totals (a clip coefficient of exactly 1)."""
+        with torch.no_grad():
+            total = self._total(self._group_norms())
+            if scale is not None:
+                total = total / scale.detach().reshape(1).to(self.device, self._acc)
+            return total.to(torch.float32)
+
+    def _total(self, groups: list[tuple[_Group, torch.Tensor]]) -> torch.Tensor:
+        sq = torch.zeros(1, dtype=self._acc, device=self.device)
+        for _, stacked in groups:
+            sq = sq + stacked.square().sum()
+        return sq.sqrt()
+
+    def _group_norms(self) -> list[tuple[_Group, torch.Tensor]]:
+        """Each group of the current gradients with its tensors' norms (accumulator dtype)."""
         grads = [p.grad for p in self.params]
         key = tuple(None if g is None else g.dtype for g in grads)
         plan = self._plans.get(key)
@@ -69,18 +102,12 @@ class LayerNorms:
             if len(self._plans) >= _MAX_PLANS:
                 self._plans.pop(next(iter(self._plans)))
             self._plans[key] = plan
-        n = len(self.layers)
-        sq = torch.zeros(n, dtype=self._acc, device=self.device)
-        bad = torch.zeros(n, dtype=self._acc, device=self.device)
-        with torch.no_grad():  # grads require grad under create_graph=True; record nothing
-            for group in plan:
-                present = [grads[i] for i in group.positions]
-                norms = _foreach_norm(present, group.norm_dtype)  # type: ignore[arg-type]
-                stacked = torch.stack(norms).to(self.device, self._acc, non_blocking=True)
-                sq.index_add_(0, group.layer_ids, stacked.square())
-                bad.index_add_(0, group.layer_ids, (~torch.isfinite(stacked)).to(self._acc))
-            total = sq.sum().sqrt().reshape(1)
-            return torch.cat([total, sq.sqrt(), bad]).to(torch.float32)
+        out = []
+        for group in plan:
+            present = [grads[i] for i in group.positions]
+            norms = _foreach_norm(present, group.norm_dtype)  # type: ignore[arg-type]
+            out.append((group, torch.stack(norms).to(self.device, self._acc, non_blocking=True)))
+        return out
 
     def _plan(self, grads: list[torch.Tensor | None]) -> list[_Group]:
         groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -10,8 +11,12 @@ import torch
 
 # Order of the fields in a wire step record (client_hooks.wire docstring).
 _ORDER = ("step", "wall_time", "loss", "lr", "grad_norm", "batch_size", "samples", "tokens",
-          "nonfinite", "layer_grad_norms", "layer_nonfinite", "scalars")
-_INT_FIELDS = frozenset(("batch_size", "samples", "tokens"))
+          "nonfinite", "layer_grad_norms", "layer_nonfinite", "clip_coef", "loss_scale",
+          "local_grad_norm", "overflow", "micro_batches", "scalars")
+_INT_FIELDS = frozenset(("batch_size", "samples", "tokens", "micro_batches"))
+# What an overflowed (skipped) step does not report: its gradient is inf/NaN, scaled.
+_NORM_FIELDS = ("grad_norm", "layer_grad_norms", "layer_nonfinite", "nonfinite", "clip_coef",
+                "local_grad_norm")
 
 
 class _Event(Protocol):
@@ -26,7 +31,9 @@ class PendingStep:
     :meth:`client_hooks.norms.LayerNorms.compute` (``1 + 2 * n_layers`` values), then one value
     per entry of ``packed``: ``(field, None)`` for a record field such as ``"loss"``,
     ``("scalars", name)`` for an extra scalar. ``fields`` and ``scalars`` hold the values that
-    were Python numbers already.
+    were Python numbers already. A packed ``overflow`` (a fused optimizer's ``found_inf``
+    device flag) becomes a bool here; when true the norms are dropped and ``on_overflow`` is
+    called.
     """
 
     step: int
@@ -37,6 +44,7 @@ class PendingStep:
     packed: list[tuple[str, str | None]] = field(default_factory=list)
     host: torch.Tensor | None = None
     event: _Event | None = None
+    on_overflow: Callable[[], None] | None = None
 
     def to_record(self) -> dict[str, Any]:
         """The wire step record; waits for the device copy (sender thread only)."""
@@ -45,6 +53,7 @@ class PendingStep:
         values: list[float] = self.host.tolist() if self.host is not None else []
         out: dict[str, Any] = {"step": self.step, "wall_time": self.wall_time, **self.fields}
         scalars = dict(self.scalars)
+        skipped = False  # the device said this step was skipped
         pos = 0
         if self.n_layers is not None:
             n = self.n_layers
@@ -57,8 +66,15 @@ class PendingStep:
                 scalars[sub] = value
             elif name in _INT_FIELDS and math.isfinite(value):
                 out[name] = int(value)
+            elif name == "overflow":
+                out[name] = skipped = value != 0
             else:
                 out[name] = value
+        if skipped:
+            for name in _NORM_FIELDS:
+                out.pop(name, None)
+            if self.on_overflow is not None:
+                self.on_overflow()
         if scalars:
             out["scalars"] = scalars
         return {k: out[k] for k in _ORDER if out.get(k) is not None}

@@ -12,7 +12,11 @@ JSON object; steps follow in batches (``POST /api/v1/runs/{run}/steps``)::
                 "nonfinite": 0,
                 "layer_grad_norms": [0.3, 1.2, ...],   # one per run layer, in order
                 "layer_nonfinite": [0, 0, ...],        # optional, same length
+                "clip_coef": 0.42, "loss_scale": 65536.0, "local_grad_norm": 2.1,
+                "overflow": false, "micro_batches": 4,
                 "scalars": {"attn_logit_max": 7.5}}]}
+
+Every field but ``step`` is optional.
 
 Floats travel as JSON numbers, except NaN, +Inf and -Inf, which travel as the
 strings ``"NaN"``, ``"Infinity"`` and ``"-Infinity"`` (the proto3 JSON
@@ -24,6 +28,29 @@ L2 norms of the gradient the optimizer sees *before clipping*, after
 accumulation and all-reduce, unscaled. A layer is a module path; its norm is
 sqrt(sum of its parameter tensors' squared norms). ``layer_nonfinite[i]`` is the
 number of parameter tensors of layer ``i`` whose gradient holds a NaN or Inf.
+
+The other per-step fields:
+
+- ``clip_coef``: total gradient norm when the optimizer step ran (after
+  ``clip_grad_norm_`` or any other in-place change) divided by ``grad_norm``;
+  1.0 exactly when nothing changed the gradient, < 1 when it was clipped.
+- ``loss_scale``: the AMP ``GradScaler`` scale the backward passes ran with
+  (only when the client was given the scaler); the norms are already divided
+  by it.
+- ``overflow``: with a scaler, whether it skipped this step because the
+  gradient held inf/NaN. An overflow record carries no norms (``grad_norm``,
+  ``layer_*``, ``clip_coef``, ``local_grad_norm`` absent) and takes a step
+  index of its own.
+- ``local_grad_norm``: with data parallelism (world size > 1), the sending
+  rank's own total norm before the all-reduce (unscaled, pre-clip). Together
+  with ``grad_norm`` (after it) it gives two batch sizes for the noise scale.
+- ``micro_batches``: backward passes accumulated into this step, as counted
+  by the hooks.
+
+Run-level semantics (``RunSpec.semantics``, :data:`DEFAULT_SEMANTICS`) say
+what every record of the run means; they do not vary per record, so records
+do not repeat them. The world size is ``RunSpec.world_size`` and
+``semantics["world_size"]`` (plus ``semantics["rank"]`` of the sender when > 1).
 """
 
 from __future__ import annotations
@@ -37,8 +64,10 @@ WIRE_VERSION = 1
 CONTENT_TYPE = "application/json"
 
 # Names of the per-step fields that are floats (may be non-finite).
-FLOAT_FIELDS = ("wall_time", "loss", "lr", "grad_norm")
-INT_FIELDS = ("batch_size", "samples", "tokens", "nonfinite")
+FLOAT_FIELDS = ("wall_time", "loss", "lr", "grad_norm", "clip_coef", "loss_scale",
+                "local_grad_norm")
+INT_FIELDS = ("batch_size", "samples", "tokens", "nonfinite", "micro_batches")
+BOOL_FIELDS = ("overflow",)
 
 _NONFINITE_OUT = {math.inf: "Infinity", -math.inf: "-Infinity"}
 NONFINITE_STRINGS = frozenset(("NaN", "Infinity", "-Infinity"))
@@ -47,7 +76,7 @@ DEFAULT_SEMANTICS: dict[str, Any] = {
     "clip": "pre",  # norms are measured before gradient clipping
     "reduction": "global",  # after the data-parallel all-reduce
     "world_size": 1,
-    "micro_batches": 1,
+    "micro_batches": "per_record",  # counted per step: the record's micro_batches field
     "amp": "unscaled",
 }
 

@@ -13,6 +13,7 @@ import numpy as np
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     ForeignKey,
     Integer,
@@ -92,6 +93,11 @@ class Step(Base):
     samples: Mapped[int | None] = mapped_column(BigInteger)
     tokens: Mapped[int | None] = mapped_column(BigInteger)
     nonfinite: Mapped[int | None] = mapped_column(Integer)
+    clip_coef: Mapped[float | None] = mapped_column(Float64)
+    loss_scale: Mapped[float | None] = mapped_column(Float64)
+    local_grad_norm: Mapped[float | None] = mapped_column(Float64)
+    overflow: Mapped[bool | None] = mapped_column(Boolean)
+    micro_batches: Mapped[int | None] = mapped_column(Integer)
 
 
 class LayerValues(Base):
@@ -122,4 +128,4 @@ class Scalar(Base):
 
 # Series every run has (columns of ``steps``), in the order the API lists them.
 STEP_SERIES = ("loss", "grad_norm", "lr", "batch_size", "samples", "tokens", "nonfinite",
-               "wall_time")
+               "wall_time", "clip_coef", "loss_scale", "local_grad_norm", "micro_batches")

@@ -72,6 +72,11 @@ class StepIn(Strict):
     nonfinite: Count | None = None
     layer_grad_norms: list[float] | None = None
     layer_nonfinite: list[Count] | None = None
+    clip_coef: float | None = None
+    loss_scale: float | None = None
+    local_grad_norm: float | None = None
+    overflow: Annotated[bool, Field(strict=True)] | None = None
+    micro_batches: Count | None = None
     scalars: dict[ScalarName, float] = Field(default_factory=dict)
 
 

@@ -36,6 +36,19 @@ def _pg_url(dbname: str) -> str:
     return f"{base}/{dbname}"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def spool_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Client spools (also of subprocesses) go to a temporary directory, not ~/.cache."""
+    path = tmp_path_factory.mktemp("spool")
+    old = os.environ.get("GRADSENTRY_SPOOL_DIR")
+    os.environ["GRADSENTRY_SPOOL_DIR"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("GRADSENTRY_SPOOL_DIR", None)
+    else:
+        os.environ["GRADSENTRY_SPOOL_DIR"] = old
+
+
 @pytest.fixture(scope="session")
 def pg_database() -> Iterator[str]:
     """A fresh PostgreSQL database for this test session (dropped afterwards)."""

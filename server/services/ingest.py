@@ -20,7 +20,8 @@ from server.settings import Settings
 
 STEP_SERIES_SET = frozenset(STEP_SERIES)
 STEP_COLUMNS = ("wall_time", "loss", "lr", "grad_norm", "batch_size", "samples", "tokens",
-                "nonfinite")
+                "nonfinite", "clip_coef", "loss_scale", "local_grad_norm", "overflow",
+                "micro_batches")
 
 
 def decode_body(

@@ -112,7 +112,7 @@ def test_disabled_monitor_does_nothing(receiver: Receiver) -> None:
 def test_internal_errors_never_reach_training(receiver: Receiver,
                                               monkeypatch: pytest.MonkeyPatch,
                                               caplog: pytest.LogCaptureFixture) -> None:
-    def broken(self: LayerNorms) -> torch.Tensor:
+    def broken(self: LayerNorms, scale: torch.Tensor | None = None) -> torch.Tensor:
         raise RuntimeError("reduction bug")
 
     monkeypatch.setattr(LayerNorms, "compute", broken)

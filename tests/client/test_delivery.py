@@ -34,7 +34,9 @@ def train(mon: Monitor, model: torch.nn.Module, opt: torch.optim.Optimizer, step
 def test_unreachable_collector_never_blocks_training(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="client_hooks")
     model, opt = models.make()
-    mon = client_hooks.watch(model, opt, server=closed_port_url(), flush_interval=0.01)
+    # spool=False: this is the memory-only path (tests/client/test_spool.py covers the disk).
+    mon = client_hooks.watch(model, opt, server=closed_port_url(), flush_interval=0.01,
+                             spool=False)
     train(mon, model, opt, 5)
     loss = models.loss_of(model)
     start = time.perf_counter()

@@ -53,7 +53,8 @@ def test_pre_clip_norms_per_layer_and_total(receiver: Receiver) -> None:
             assert mon.log(loss=loss, tokens=4 * models.SEQ, attn_max=loss * 2, epoch=0) == i
         assert mon.flush(timeout=5)
         assert mon.stats == {"enqueued": 5, "sent": 5, "dropped": 0, "failed_batches": 0,
-                             "failed_steps": 0, "pending": 0, "errors": 0}
+                             "failed_steps": 0, "pending": 0, "errors": 0, "overflow": 0,
+                             "spooled": 0, "recovered": 0}
 
     (run,) = receiver.runs
     assert run == {"id": "norms-1", "project": "tests", "name": "norms-1",
@@ -76,7 +77,7 @@ def test_pre_clip_norms_per_layer_and_total(receiver: Receiver) -> None:
         assert rec["scalars"] == {"attn_max": 2 * loss, "epoch": 0}
         assert set(rec) == {"step", "wall_time", "loss", "lr", "grad_norm", "batch_size",
                             "samples", "tokens", "nonfinite", "layer_grad_norms",
-                            "layer_nonfinite", "scalars"}
+                            "layer_nonfinite", "clip_coef", "micro_batches", "scalars"}
 
 
 def test_tied_weight_counted_once(receiver: Receiver) -> None:
