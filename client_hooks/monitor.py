@@ -14,12 +14,19 @@ accumulation the stash at ``optimizer.step()`` is the accumulated gradient's.
 
 The optimizer step pre-hook runs after clipping (and after the scaler's unscale): one more
 batched norm there gives ``clip_coef`` = post-clip total / pre-clip total. The step post-hook
-freezes the stash for the step, and :meth:`Monitor.log` packs it with the loss into one device
-tensor, starts a non-blocking copy to the host and queues it for the sender thread. A step the
-scaler skipped (inf/NaN gradients) fires no optimizer hook: ``log()`` then sends an
-``overflow`` record without norms. A fused optimizer is stepped even then and skips on the
-device; its ``found_inf`` flag travels packed and the sender thread drops the norms. Nothing
-here reads a device value, so the training thread never waits for the GPU.
+freezes the stash for the step (with every param group's learning rate), and
+:meth:`Monitor.log` packs it with the loss into one device tensor, starts a non-blocking copy
+to the host and queues it for the sender thread. A step the scaler skipped (inf/NaN
+gradients) fires no optimizer hook: ``log()`` then sends an ``overflow`` record without norms.
+A fused optimizer is stepped even then and skips on the device; its ``found_inf`` flag travels
+packed and the sender thread drops the norms. Nothing here reads a device value, so the
+training thread never waits for the GPU.
+
+Every ``param_every`` steps (step index % K == 0) the pre-hook also copies the trainable
+weights (one batched ``_foreach_mul``) and the post-hook reduces the
+weights after the step and the difference to that copy to per-layer norms on the device, then
+frees the copy: the record of that step carries ``layer_param_norms`` and
+``layer_update_norms``. The cost is one extra copy of the weights during those steps only.
 """
 
 from __future__ import annotations
@@ -58,7 +65,7 @@ def watch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, project: 
           enabled: bool = True, scaler: torch.amp.GradScaler | None = None,
           rank: int | None = None, all_ranks: bool = False, offline: bool = False,
           spool_dir: str | os.PathLike[str] | None = None, spool: bool = True,
-          spool_max_bytes: int = spool_mod.DEFAULT_MAX_BYTES) -> Monitor:
+          spool_max_bytes: int = spool_mod.DEFAULT_MAX_BYTES, param_every: int = 10) -> Monitor:
     """Start streaming gradient telemetry of ``model`` trained by ``optimizer``.
 
     Call ``mon.log(loss=..., batch_size=...)`` once per optimizer step, after
@@ -86,6 +93,11 @@ def watch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, project: 
             ``~/.cache/gradsentry/spool``); records go there while the collector is
             unreachable and are replayed in order when it returns. ``spool=False`` keeps
             everything in memory only. ``spool_max_bytes`` caps its size (oldest dropped).
+        param_every: every this many optimizer steps (step indices 0, K, 2K, ...), report the
+            per-layer weight norms after the step and the norms of that step's update
+            (``layer_param_norms``, ``layer_update_norms``; the collector derives the
+            update-to-weight ratio). Costs one extra copy of the trainable weights in device
+            memory during those steps. 0 disables.
 
     Raises:
         ValueError: a malformed run id, server URL or queue setting (setup errors, not
@@ -95,7 +107,8 @@ def watch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, project: 
                    name=name, config=config, tags=tags, batch_size=batch_size,
                    flush_interval=flush_interval, max_queue=max_queue, enabled=enabled,
                    scaler=scaler, rank=rank, all_ranks=all_ranks, offline=offline,
-                   spool_dir=spool_dir, spool=spool, spool_max_bytes=spool_max_bytes)
+                   spool_dir=spool_dir, spool=spool, spool_max_bytes=spool_max_bytes,
+                   param_every=param_every)
 
 
 def new_run_id(project: str) -> str:
@@ -121,8 +134,9 @@ class _Frozen:
     measured: _Measured | None
     clip_coef: torch.Tensor | None
     index: int
-    lr: float | torch.Tensor
+    lrs: list[float | torch.Tensor]  # one per param group
     found_inf: torch.Tensor | None = None  # a fused optimizer's skip flag, set by the scaler
+    params: torch.Tensor | None = None  # LayerNorms.param_update_norms(), every K steps
 
 
 class Monitor:
@@ -141,7 +155,8 @@ class Monitor:
                  enabled: bool = True, scaler: torch.amp.GradScaler | None = None,
                  rank: int | None = None, all_ranks: bool = False, offline: bool = False,
                  spool_dir: str | os.PathLike[str] | None = None, spool: bool = True,
-                 spool_max_bytes: int = spool_mod.DEFAULT_MAX_BYTES) -> None:
+                 spool_max_bytes: int = spool_mod.DEFAULT_MAX_BYTES,
+                 param_every: int = 10) -> None:
         self.world_size, self.rank = _world(rank)
         self.run_id = new_run_id(project) if run is None else run
         if self.rank > 0 and all_ranks:
@@ -155,6 +170,8 @@ class Monitor:
             raise ValueError(f"server must be an http(s) URL, got {server!r}")
         if flush_interval <= 0 or max_queue < 1:
             raise ValueError("flush_interval must be > 0 and max_queue >= 1")
+        if not isinstance(param_every, int) or param_every < 0:
+            raise ValueError(f"param_every must be an int >= 0, got {param_every!r}")
         self.project = project
         self._optimizer = optimizer
         self._scaler = scaler
@@ -172,6 +189,8 @@ class Monitor:
         self._clip_coef: torch.Tensor | None = None
         self._found_inf: torch.Tensor | None = None
         self._local: torch.Tensor | None = None
+        self._param_every = param_every
+        self._before: list[torch.Tensor] | None = None  # weights before a K-th step
         self._micro = 0  # backward passes since the last optimizer step
         self._queued_tasks: set[int] = set()
         self._errors = 0
@@ -219,8 +238,9 @@ class Monitor:
 
         The record also carries ``micro_batches`` (backward passes since the previous step),
         ``clip_coef`` (post-clip / pre-clip total norm), and with a ``scaler`` ``loss_scale``
-        and ``overflow``, with a world size > 1 ``local_grad_norm`` (see
-        :mod:`client_hooks.wire`).
+        and ``overflow``, with a world size > 1 ``local_grad_norm``, with several param groups
+        ``lrs`` (every group's learning rate), and on every ``param_every``-th step
+        ``layer_param_norms`` and ``layer_update_norms`` (see :mod:`client_hooks.wire`).
 
         ``step`` overrides the counted step index (number of ``optimizer.step()`` calls before
         the logged one, from 0, plus skipped AMP steps when a ``scaler`` is declared).
@@ -262,6 +282,7 @@ class Monitor:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._before = None  # a weight copy left by a step that raised
         if self._sender is not None:
             self._sender.close(timeout)
 
@@ -320,6 +341,7 @@ class Monitor:
             self._warn("reduce", "gradsentry: gradient norm reduction failed")
 
     def _on_step_pre(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self._snapshot_params()
         try:
             self._clip_coef = None
             # GradScaler with a fused optimizer (``_step_supports_amp_scaling``) always calls
@@ -340,14 +362,36 @@ class Monitor:
 
     def _on_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         try:
-            self._frozen = _Frozen(self._stash, self._clip_coef, self._steps, self._lr(),
-                                   self._found_inf)
+            params = self._measure_params()
+            self._frozen = _Frozen(self._stash, self._clip_coef, self._steps, self._lrs(),
+                                   self._found_inf, params)
             self._clip_coef = self._found_inf = None
             self._micro = 0
             self._queued_tasks.clear()  # ids of passes that raised before their callbacks ran
             self._steps += 1
         except Exception:
             self._warn("step-hook", "gradsentry: optimizer step hook failed")
+
+    def _snapshot_params(self) -> None:
+        """On a K-th step, copy the weights the optimizer is about to change."""
+        try:
+            self._before = None  # a step that raised must not leave its copy for the next
+            k = self._param_every
+            if k > 0 and self._sender is not None and self._norms.params and self._steps % k == 0:
+                self._before = self._norms.snapshot()
+        except Exception:
+            self._warn("param-snapshot", "gradsentry: parameter snapshot failed")
+
+    def _measure_params(self) -> torch.Tensor | None:
+        """Per-layer weight and update norms of the step that just ran; frees the copy."""
+        before, self._before = self._before, None
+        if before is None:
+            return None
+        try:
+            return self._norms.param_update_norms(before)
+        except Exception:
+            self._warn("param-norms", "gradsentry: parameter norm reduction failed")
+            return None
 
     # -- internals ------------------------------------------------------------------------
 
@@ -364,30 +408,35 @@ class Monitor:
         scale = getattr(scaler, "_scale", None)
         return scale if isinstance(scale, torch.Tensor) else None
 
-    def _lr(self) -> float | torch.Tensor:
-        lr = self._optimizer.param_groups[0]["lr"]
-        # A tensor lr is updated in place by schedulers: keep this step's value (device copy).
-        return lr.detach().clone() if isinstance(lr, torch.Tensor) else float(lr)
+    def _lrs(self) -> list[float | torch.Tensor]:
+        """The learning rate of every param group, as the step runs with it."""
+        out: list[float | torch.Tensor] = []
+        for group in self._optimizer.param_groups:
+            lr = group["lr"]
+            # A tensor lr is updated in place by schedulers: keep this step's value (device copy).
+            out.append(lr.detach().clone() if isinstance(lr, torch.Tensor) else float(lr))
+        return out
 
     def _pending(self, loss: Any, step: int | None, batch_size: int | None,
                  samples: int | None, tokens: Any, scalars: dict[str, Any]) -> PendingStep:
         overflow: bool | None = None if self._scaler is None else False
         clip_coef: torch.Tensor | None = None
         found_inf: torch.Tensor | None = None  # decided by the sender thread (record.py)
+        params: torch.Tensor | None = None
         frozen, self._frozen = self._frozen, None
         if frozen is not None:
-            measured, clip_coef, index, lr = (frozen.measured, frozen.clip_coef, frozen.index,
-                                              frozen.lr)
-            found_inf = frozen.found_inf
+            measured, clip_coef, index, lrs = (frozen.measured, frozen.clip_coef, frozen.index,
+                                               frozen.lrs)
+            found_inf, params = frozen.found_inf, frozen.params
         elif self._scaler is not None and self._micro > 0:
             # Backward ran but no optimizer step: the scaler found inf/NaN and skipped it.
             overflow = True
             self._count_overflow()
-            measured, index, lr = self._stash, self._steps, self._lr()
+            measured, index, lrs = self._stash, self._steps, self._lrs()
             self._steps += 1
             self._micro = 0
         else:
-            measured, index, lr = self._stash, self._steps, self._lr()
+            measured, index, lrs = self._stash, self._steps, self._lrs()
         norms = None if measured is None or overflow else measured.norms
         batch_size = self._batch_size if batch_size is None else batch_size
         if samples is not None:
@@ -401,8 +450,11 @@ class Monitor:
         if norms is not None:
             item.n_layers = len(self.layers)
             parts.append(norms)
-        values: dict[str, Any] = {"loss": loss, "lr": lr, "batch_size": batch_size,
-                                  "samples": samples, "tokens": tokens,
+        if params is not None:
+            item.param_layers = len(self.layers)
+            parts.append(params)
+        values: dict[str, Any] = {"loss": loss, "lr": lrs[0] if lrs else None,
+                                  "batch_size": batch_size, "samples": samples, "tokens": tokens,
                                   "overflow": overflow if found_inf is None else found_inf}
         if measured is not None:
             values.update(clip_coef=clip_coef, loss_scale=measured.scale,
@@ -411,6 +463,9 @@ class Monitor:
                 values["local_grad_norm"] = measured.local
         entries: list[tuple[str, str | None, Any]] = [(k, None, v) for k, v in values.items()]
         entries += [("scalars", k, v) for k, v in scalars.items()]
+        if len(lrs) > 1:  # a single group's lr is "lr" already
+            item.fields["lrs"] = [None] * len(lrs)  # filled below, or from the host copy
+            entries += [("lrs", str(i), v) for i, v in enumerate(lrs)]
         for field, sub, value in entries:
             if value is None:
                 continue
@@ -430,6 +485,8 @@ class Monitor:
                 number = int(value) if isinstance(value, numbers.Integral) else float(value)
                 if sub is None:
                     item.fields[field] = number
+                elif field == "lrs":
+                    item.fields["lrs"][int(sub)] = number
                 else:
                     item.scalars[sub] = number
             else:

@@ -1,4 +1,4 @@
-"""Per-layer gradient norms, reduced on the device with no host sync."""
+"""Per-layer gradient, parameter and update norms, reduced on the device with no host sync."""
 
 from __future__ import annotations
 
@@ -86,15 +86,56 @@ class LayerNorms:
                 total = total / scale.detach().reshape(1).to(self.device, self._acc)
             return total.to(torch.float32)
 
+    def snapshot(self) -> list[torch.Tensor]:
+        """A copy of every parameter (one batched ``_foreach_mul``; torch falls back to one
+        kernel per tensor when devices or dtypes are mixed), for :meth:`param_update_norms` to
+        diff against after the optimizer step.
+
+        Memory: one extra copy of the trainable weights, held until that call.
+        """
+        with torch.no_grad():
+            return list(torch._foreach_mul(self.params, 1.0))
+
+    def param_update_norms(self, before: list[torch.Tensor]) -> torch.Tensor:
+        """``[w_1..w_L, u_1..u_L]`` as one float32 tensor on :attr:`device`.
+
+        With ``w_t`` parameter tensor ``t`` now and ``b_t`` its copy from :meth:`snapshot`::
+
+            w_l = sqrt( sum_{t in T_l} ||w_t||_2^2 )
+            u_l = sqrt( sum_{t in T_l} ||w_t - b_t||_2^2 )
+
+        The difference is taken in the parameters' dtype, in place in ``before`` (which is
+        consumed: no second copy is allocated). Where an entry moved by at most half its value
+        (the usual case) the subtraction is exact (Sterbenz's lemma), in bf16/fp16 too.
+        Reads nothing back to the host.
+        """
+        n = len(self.layers)
+        with torch.no_grad():
+            params = self._reduce(self._group_norms(self.params), n)
+            torch._foreach_sub_(before, self.params)
+            updates = self._reduce(self._group_norms(before), n)
+            return torch.cat([params, updates]).to(torch.float32)
+
+    def _reduce(self, groups: list[tuple[_Group, torch.Tensor]], n: int) -> torch.Tensor:
+        """Per-layer norms sqrt(sum of squares) of grouped per-tensor norms."""
+        sq = torch.zeros(n, dtype=self._acc, device=self.device)
+        for group, stacked in groups:
+            sq.index_add_(0, group.layer_ids, stacked.square())
+        return sq.sqrt()
+
     def _total(self, groups: list[tuple[_Group, torch.Tensor]]) -> torch.Tensor:
         sq = torch.zeros(1, dtype=self._acc, device=self.device)
         for _, stacked in groups:
             sq = sq + stacked.square().sum()
         return sq.sqrt()
 
-    def _group_norms(self) -> list[tuple[_Group, torch.Tensor]]:
-        """Each group of the current gradients with its tensors' norms (accumulator dtype)."""
-        grads = [p.grad for p in self.params]
+    def _group_norms(
+        self, tensors: list[torch.Tensor] | None = None
+    ) -> list[tuple[_Group, torch.Tensor]]:
+        """Each group of ``tensors`` (one per parameter, in order; default: the current
+        gradients) with its tensors' norms in the accumulator dtype."""
+        grads: list[torch.Tensor | None] = (
+            [p.grad for p in self.params] if tensors is None else list(tensors))
         key = tuple(None if g is None else g.dtype for g in grads)
         plan = self._plans.get(key)
         if plan is None:

@@ -12,11 +12,12 @@ import torch
 # Order of the fields in a wire step record (client_hooks.wire docstring).
 _ORDER = ("step", "wall_time", "loss", "lr", "grad_norm", "batch_size", "samples", "tokens",
           "nonfinite", "layer_grad_norms", "layer_nonfinite", "clip_coef", "loss_scale",
-          "local_grad_norm", "overflow", "micro_batches", "scalars")
+          "local_grad_norm", "overflow", "micro_batches", "layer_param_norms",
+          "layer_update_norms", "lrs", "scalars")
 _INT_FIELDS = frozenset(("batch_size", "samples", "tokens", "micro_batches"))
 # What an overflowed (skipped) step does not report: its gradient is inf/NaN, scaled.
 _NORM_FIELDS = ("grad_norm", "layer_grad_norms", "layer_nonfinite", "nonfinite", "clip_coef",
-                "local_grad_norm")
+                "local_grad_norm", "layer_param_norms", "layer_update_norms")
 
 
 class _Event(Protocol):
@@ -28,11 +29,14 @@ class PendingStep:
     """A step whose device values are still being copied to the host.
 
     ``host`` holds, in order: when ``n_layers`` is not None, the packed norms of
-    :meth:`client_hooks.norms.LayerNorms.compute` (``1 + 2 * n_layers`` values), then one value
-    per entry of ``packed``: ``(field, None)`` for a record field such as ``"loss"``,
-    ``("scalars", name)`` for an extra scalar. ``fields`` and ``scalars`` hold the values that
-    were Python numbers already. A packed ``overflow`` (a fused optimizer's ``found_inf``
-    device flag) becomes a bool here; when true the norms are dropped and ``on_overflow`` is
+    :meth:`client_hooks.norms.LayerNorms.compute` (``1 + 2 * n_layers`` values); when
+    ``param_layers`` is not None, those of ``LayerNorms.param_update_norms`` (``2 *
+    param_layers`` values); then one value per entry of ``packed``: ``(field, None)`` for a
+    record field such as ``"loss"``, ``("scalars", name)`` for an extra scalar, ``("lrs", i)``
+    for entry ``i`` of ``fields["lrs"]`` (a group whose lr is a tensor). ``fields`` and
+    ``scalars`` hold the values that were Python numbers already. A packed ``overflow`` (a
+    fused optimizer's ``found_inf`` device flag) becomes a bool here; when true the norms are
+    dropped and ``on_overflow`` is
     called.
     """
 
@@ -41,6 +45,7 @@ class PendingStep:
     fields: dict[str, Any] = field(default_factory=dict)
     scalars: dict[str, int | float] = field(default_factory=dict)
     n_layers: int | None = None
+    param_layers: int | None = None
     packed: list[tuple[str, str | None]] = field(default_factory=list)
     host: torch.Tensor | None = None
     event: _Event | None = None
@@ -61,8 +66,17 @@ class PendingStep:
             out.update(grad_norm=values[0], layer_grad_norms=values[1 : 1 + n],
                        layer_nonfinite=bad, nonfinite=sum(bad))
             pos = 1 + 2 * n
+        if self.param_layers is not None:
+            n = self.param_layers
+            out.update(layer_param_norms=values[pos : pos + n],
+                       layer_update_norms=values[pos + n : pos + 2 * n])
+            pos += 2 * n
+        if "lrs" in out:
+            out["lrs"] = list(out["lrs"])  # filled in below where a group's lr is a tensor
         for (name, sub), value in zip(self.packed, values[pos:], strict=True):
-            if sub is not None:
+            if name == "lrs" and sub is not None:
+                out["lrs"][int(sub)] = value
+            elif sub is not None:
                 scalars[sub] = value
             elif name in _INT_FIELDS and math.isfinite(value):
                 out[name] = int(value)
@@ -70,6 +84,8 @@ class PendingStep:
                 out[name] = skipped = value != 0
             else:
                 out[name] = value
+        if "lrs" in out and None in out["lrs"]:
+            del out["lrs"]  # a group's lr was not a number: not recorded (log() warned)
         if skipped:
             for name in _NORM_FIELDS:
                 out.pop(name, None)

@@ -14,6 +14,9 @@ JSON object; steps follow in batches (``POST /api/v1/runs/{run}/steps``)::
                 "layer_nonfinite": [0, 0, ...],        # optional, same length
                 "clip_coef": 0.42, "loss_scale": 65536.0, "local_grad_norm": 2.1,
                 "overflow": false, "micro_batches": 4,
+                "layer_param_norms": [12.5, 40.1, ...], # every K-th step, one per layer
+                "layer_update_norms": [0.01, 0.2, ...], # same steps, same length
+                "lrs": [0.001, 0.0001],                # with several param groups
                 "scalars": {"attn_logit_max": 7.5}}]}
 
 Every field but ``step`` is optional.
@@ -46,6 +49,18 @@ The other per-step fields:
   with ``grad_norm`` (after it) it gives two batch sizes for the noise scale.
 - ``micro_batches``: backward passes accumulated into this step, as counted
   by the hooks.
+- ``layer_param_norms``, ``layer_update_norms``: on steps whose index is a
+  multiple of ``param_every`` (``watch(param_every=K)``, default 10, 0 = never)
+  and only there, per layer (same order and length as ``layer_grad_norms``):
+  the L2 norm of the weights after the optimizer step, |w_l|, and of that
+  step's change, |w_l(after) - w_l(before)|, each sqrt(sum of the layer's
+  tensors' squared norms). The collector stores both and their ratio, the
+  update-to-weight ratio |Δw_l| / |w_l| (layer metric ``update_ratio``; 0/0 is
+  NaN). Absent from overflow records.
+- ``lrs``: the learning rate of every optimizer param group, in group order,
+  when there is more than one group (``lr`` is always group 0's). The
+  collector stores ``lrs[i]`` as the scalar series ``lr/group{i}``, so a
+  record's ``scalars`` may not use those names.
 
 Run-level semantics (``RunSpec.semantics``, :data:`DEFAULT_SEMANTICS`) say
 what every record of the run means; they do not vary per record, so records
@@ -66,6 +81,8 @@ CONTENT_TYPE = "application/json"
 # Names of the per-step fields that are floats (may be non-finite).
 FLOAT_FIELDS = ("wall_time", "loss", "lr", "grad_norm", "clip_coef", "loss_scale",
                 "local_grad_norm")
+# Per-step fields that are lists of floats (may hold non-finite values).
+FLOAT_LIST_FIELDS = ("layer_grad_norms", "layer_param_norms", "layer_update_norms", "lrs")
 INT_FIELDS = ("batch_size", "samples", "tokens", "nonfinite", "micro_batches")
 BOOL_FIELDS = ("overflow",)
 

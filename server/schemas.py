@@ -30,6 +30,8 @@ def _utc(value: datetime) -> datetime:
 UTCDateTime = Annotated[datetime, AfterValidator(_utc)]
 Count = Annotated[int, Field(strict=True, ge=0)]
 StepNo = Annotated[int, Field(strict=True, ge=0, le=2**62)]
+# lrs[i] is stored as the scalar series "lr/group{i}"; this keeps the name in ScalarName.
+MAX_PARAM_GROUPS = 1024
 
 
 class Strict(BaseModel):
@@ -77,6 +79,9 @@ class StepIn(Strict):
     local_grad_norm: float | None = None
     overflow: Annotated[bool, Field(strict=True)] | None = None
     micro_batches: Count | None = None
+    layer_param_norms: list[float] | None = None
+    layer_update_norms: list[float] | None = None
+    lrs: list[float] | None = Field(default=None, max_length=MAX_PARAM_GROUPS)
     scalars: dict[ScalarName, float] = Field(default_factory=dict)
 
 

@@ -22,6 +22,24 @@ STEP_SERIES_SET = frozenset(STEP_SERIES)
 STEP_COLUMNS = ("wall_time", "loss", "lr", "grad_norm", "batch_size", "samples", "tokens",
                 "nonfinite", "clip_coef", "loss_scale", "local_grad_norm", "overflow",
                 "micro_batches")
+# Per-layer vectors of a step record and the layer metric each is stored under.
+LAYER_FIELDS = {"layer_grad_norms": "grad_norm", "layer_nonfinite": "nonfinite",
+                "layer_param_norms": "param_norm", "layer_update_norms": "update_norm"}
+
+
+def lr_series(group: int) -> str:
+    """The scalar series holding param group ``group``'s learning rate (``lrs[group]``)."""
+    return f"lr/group{group}"
+
+
+def update_ratio(update_norms: Sequence[float], param_norms: Sequence[float]) -> np.ndarray:
+    """Per-layer update-to-weight ratio |Δw_l| / |w_l| (weights after the step), float32.
+
+    Divided in float64; 0/0 is NaN and x/0 is ±Inf, NaN and ±Inf propagate (they are data).
+    """
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        ratio = np.asarray(update_norms, dtype=np.float64) / np.asarray(param_norms, np.float64)
+        return ratio.astype("<f4")
 
 
 def decode_body(
@@ -95,15 +113,24 @@ def ingest_steps(
     layer_rows: list[dict[str, Any]] = []
     scalar_rows: list[dict[str, Any]] = []
     for s in steps:
-        if s.layer_grad_norms is not None:
-            layer_rows.append({"run_pk": run.pk, "metric": "grad_norm", "step": s.step,
-                               "values": np.asarray(s.layer_grad_norms, dtype="<f4")})
-        if s.layer_nonfinite is not None:
-            layer_rows.append({"run_pk": run.pk, "metric": "nonfinite", "step": s.step,
-                               "values": np.asarray(s.layer_nonfinite, dtype="<f4")})
+        vectors: dict[str, np.ndarray] = {}
+        for field, metric in LAYER_FIELDS.items():
+            values = getattr(s, field)
+            if values is not None:
+                vectors[metric] = np.asarray(values, dtype="<f4")
+        if s.layer_param_norms is not None and s.layer_update_norms is not None:
+            vectors["update_ratio"] = update_ratio(s.layer_update_norms, s.layer_param_norms)
+        layer_rows.extend(
+            {"run_pk": run.pk, "metric": metric, "step": s.step, "values": values}
+            for metric, values in vectors.items()
+        )
         scalar_rows.extend(
             {"run_pk": run.pk, "name": k, "step": s.step, "value": v}
             for k, v in s.scalars.items()
+        )
+        scalar_rows.extend(
+            {"run_pk": run.pk, "name": lr_series(i), "step": s.step, "value": v}
+            for i, v in enumerate(s.lrs or ())
         )
     _upsert(session, Step.__table__, step_rows, ("run_pk", "step"))
     _upsert(session, LayerValues.__table__, layer_rows, ("run_pk", "metric", "step"))
@@ -125,12 +152,14 @@ def _check_steps(steps: Sequence[StepIn], n_layers: int) -> None:
         if s.step in seen:
             raise errors.DuplicateStep(f"steps.{i}: step {s.step} appears twice in this batch")
         seen.add(s.step)
-        clash = STEP_SERIES_SET.intersection(s.scalars)
+        # lrs[g] is stored as the series "lr/group{g}": a scalar of that name would clash.
+        taken = STEP_SERIES_SET.union(lr_series(g) for g in range(len(s.lrs or ())))
+        clash = taken.intersection(s.scalars)
         if clash:
             raise errors.InvalidInput(
                 f"steps.{i}.scalars: {sorted(clash)} are built-in series names; rename them"
             )
-        for field in ("layer_grad_norms", "layer_nonfinite"):
+        for field in LAYER_FIELDS:
             values = getattr(s, field)
             if values is not None and len(values) != n_layers:
                 raise errors.LayerCountMismatch(

@@ -75,9 +75,12 @@ def test_pre_clip_norms_per_layer_and_total(receiver: Receiver) -> None:
         assert rec["tokens"] == 4 * models.SEQ and isinstance(rec["tokens"], int)
         assert rec["nonfinite"] == 0 and rec["layer_nonfinite"] == [0] * len(models.LAYERS)
         assert rec["scalars"] == {"attn_max": 2 * loss, "epoch": 0}
+        # Weight and update norms every param_every (default 10) steps: here step 0 only.
+        params = {"layer_param_norms", "layer_update_norms"} if rec["step"] == 0 else set()
         assert set(rec) == {"step", "wall_time", "loss", "lr", "grad_norm", "batch_size",
                             "samples", "tokens", "nonfinite", "layer_grad_norms",
-                            "layer_nonfinite", "clip_coef", "micro_batches", "scalars"}
+                            "layer_nonfinite", "clip_coef", "micro_batches", "scalars",
+                            *params}
 
 
 def test_tied_weight_counted_once(receiver: Receiver) -> None:
