@@ -86,6 +86,15 @@ class LayerNorms:
                 total = total / scale.detach().reshape(1).to(self.device, self._acc)
             return total.to(torch.float32)
 
+    def signature(self) -> tuple[tuple[int, int], ...]:
+        """Identity and in-place version of every gradient, read without touching their data.
+
+        Equal signatures mean no gradient was replaced or modified in place (clipping and
+        unscaling are in place), so a norm computed earlier still holds.
+        """
+        return tuple((0, -1) if p.grad is None else (p.grad.data_ptr(), p.grad._version)
+                     for p in self.params)
+
     def snapshot(self) -> list[torch.Tensor]:
         """A copy of every parameter (one batched ``_foreach_mul``; torch falls back to one
         kernel per tensor when devices or dtypes are mixed), for :meth:`param_update_norms` to

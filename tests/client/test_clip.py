@@ -91,3 +91,32 @@ def test_reentrant_checkpoint_backward_is_not_a_micro_batch(receiver: Receiver) 
     (rec,) = receiver.steps
     assert rec["micro_batches"] == 2
     assert_close(rec["grad_norm"], want, "total")
+
+
+def test_clip_coef_without_clipping_and_with_manual_scaling(receiver: Receiver) -> None:
+    """No clipping call: 1.0 without a second read of the gradients; an in-place rescale of
+    the gradients by the user is still seen (it bumps their version counters)."""
+    model, opt = models.make(seed=9)
+    reads: list[int] = []
+    with client_hooks.watch(model, opt, server=receiver.url, flush_interval=60) as mon:
+        total = mon._norms.total
+
+        def counting_total(*args: object, **kwargs: object) -> torch.Tensor:
+            reads.append(1)
+            return total(*args, **kwargs)  # type: ignore[arg-type]
+
+        mon._norms.total = counting_total  # type: ignore[method-assign]
+        for i, factor in enumerate([None, 0.5, None]):
+            models.loss_of(model, seed=i).backward()
+            if factor is not None:
+                for p in model.parameters():
+                    if p.grad is not None:
+                        p.grad.mul_(factor)
+            opt.step()
+            opt.zero_grad()
+            mon.log()
+        assert mon.flush(timeout=5)
+    coefs = [r["clip_coef"] for r in receiver.steps]
+    assert coefs[0] == 1.0 and coefs[2] == 1.0
+    assert math.isclose(coefs[1], 0.5, rel_tol=1e-6)
+    assert len(reads) == 1  # only the step whose gradients changed was read again
