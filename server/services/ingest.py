@@ -13,6 +13,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from server import errors
+from server.analysis.ratios import update_ratio
 from server.models import STEP_SERIES, LayerValues, Scalar, Step, utcnow
 from server.schemas import IngestResult, StepBatch, StepIn
 from server.services.runs import get_run
@@ -30,16 +31,6 @@ LAYER_FIELDS = {"layer_grad_norms": "grad_norm", "layer_nonfinite": "nonfinite",
 def lr_series(group: int) -> str:
     """The scalar series holding param group ``group``'s learning rate (``lrs[group]``)."""
     return f"lr/group{group}"
-
-
-def update_ratio(update_norms: Sequence[float], param_norms: Sequence[float]) -> np.ndarray:
-    """Per-layer update-to-weight ratio |Δw_l| / |w_l| (weights after the step), float32.
-
-    Divided in float64; 0/0 is NaN and x/0 is ±Inf, NaN and ±Inf propagate (they are data).
-    """
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        ratio = np.asarray(update_norms, dtype=np.float64) / np.asarray(param_norms, np.float64)
-        return ratio.astype("<f4")
 
 
 def decode_body(

@@ -1,0 +1,1 @@
+"""Pure estimators and derived quantities (stdlib/numpy only; no database, no HTTP)."""
