@@ -13,7 +13,9 @@ declared, and keeps the result as the *stash*; each backward replaces it, so wit
 accumulation the stash at ``optimizer.step()`` is the accumulated gradient's.
 
 The optimizer step pre-hook runs after clipping (and after the scaler's unscale): one more
-batched norm there gives ``clip_coef`` = post-clip total / pre-clip total. The step post-hook
+batched norm there gives ``clip_coef`` = post-clip total / pre-clip total (with
+``step(closure)``, as Lightning calls it, backward and clipping run inside the step, so the
+post-hook takes that norm instead). The step post-hook
 freezes the stash for the step (with every param group's learning rate), and
 :meth:`Monitor.log` packs it with the loss into one device tensor, starts a non-blocking copy
 to the host and queues it for the sender thread. A step the scaler skipped (inf/NaN
@@ -189,6 +191,7 @@ class Monitor:
         self._frozen: _Frozen | None = None
         self._clip_coef: torch.Tensor | None = None
         self._found_inf: torch.Tensor | None = None
+        self._closure = False  # the running step() was given a closure
         self._local: torch.Tensor | None = None
         self._param_every = param_every
         self._before: list[torch.Tensor] | None = None  # weights before a K-th step
@@ -349,26 +352,38 @@ class Monitor:
             # GradScaler with a fused optimizer (``_step_supports_amp_scaling``) always calls
             # step(): the optimizer unscales and skips on the device, reading these two.
             found_inf = getattr(optimizer, "found_inf", None)
-            grad_scale = getattr(optimizer, "grad_scale", None)
             self._found_inf = found_inf if isinstance(found_inf, torch.Tensor) else None
-            stash = self._stash
-            if stash is None or stash.norms is None or self._micro == 0:
-                return
-            # Gradients are clipped (and unscaled, but for grad_scale) by now: post/pre total.
-            pre = stash.norms[:1]
-            if grad_scale is None and self._norms.signature() == stash.signature:
-                # Nothing clipped or unscaled the gradients since they were measured: skip a
-                # second read of every gradient (the benchmark's largest per-step cost).
-                self._clip_coef = torch.ones_like(pre)
-                return
-            post = self._norms.total(grad_scale if isinstance(grad_scale, torch.Tensor)
-                                     else None)
-            self._clip_coef = torch.where(pre > 0, post / pre, torch.ones_like(pre))
+            # step(closure) (Lightning, LBFGS) runs backward and clipping inside the step,
+            # after this hook: the post-hook measures the clip coefficient instead.
+            closure = args[0] if args else kwargs.get("closure")
+            self._closure = closure is not None
+            if not self._closure:
+                self._clip_coef = self._measure_clip(optimizer)
         except Exception:
             self._warn("step-pre-hook", "gradsentry: optimizer step pre-hook failed")
 
+    def _measure_clip(self, optimizer: torch.optim.Optimizer) -> torch.Tensor | None:
+        """Post-clip total / pre-clip total of the gradients as the optimizer sees them now
+        (clipped, and unscaled unless a fused optimizer unscales them itself)."""
+        stash = self._stash
+        if stash is None or stash.norms is None or self._micro == 0:
+            return None
+        pre = stash.norms[:1]
+        grad_scale = getattr(optimizer, "grad_scale", None)
+        if grad_scale is None and self._norms.signature() == stash.signature:
+            # Nothing clipped or unscaled the gradients since they were measured: skip a
+            # second read of every gradient (the benchmark's largest per-step cost).
+            return torch.ones_like(pre)
+        post = self._norms.total(grad_scale if isinstance(grad_scale, torch.Tensor) else None)
+        return torch.where(pre > 0, post / pre, torch.ones_like(pre))
+
     def _on_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         try:
+            if self._closure:
+                # The closure's backward and clipping ran inside step(); the optimizer does
+                # not change the gradients, so they still read as it saw them.
+                self._clip_coef = self._measure_clip(optimizer)
+                self._closure = False
             params = self._measure_params()
             self._frozen = _Frozen(self._stash, self._clip_coef, self._steps, self._lrs(),
                                    self._found_inf, params)

@@ -88,9 +88,6 @@ def test_lightning_pre_clip_norms_with_accumulation(receiver: Receiver) -> None:
         assert rec["lr"] == 0.1 and rec["batch_size"] == ACCUMULATE * BATCH
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "Lightning calls optimizer.step(closure): the step pre-hook, where Monitor takes the "
-    "post-clip norm, runs before the closure's backward and clipping (needs monitor.py)"))
 def test_lightning_clip_coef(receiver: Receiver) -> None:
     module, records, _ = fit(receiver)
     for rec, ref in zip(records, module.refs, strict=True):
