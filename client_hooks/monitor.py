@@ -53,6 +53,7 @@ from . import wire
 from .norms import LayerNorms
 from .record import PendingStep
 from .sender import Sender
+from .window import Window
 
 logger = logging.getLogger("client_hooks")
 
@@ -67,7 +68,8 @@ def watch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, project: 
           enabled: bool = True, scaler: torch.amp.GradScaler | None = None,
           rank: int | None = None, all_ranks: bool = False, offline: bool = False,
           spool_dir: str | os.PathLike[str] | None = None, spool: bool = True,
-          spool_max_bytes: int = spool_mod.DEFAULT_MAX_BYTES, param_every: int = 10) -> Monitor:
+          spool_max_bytes: int = spool_mod.DEFAULT_MAX_BYTES, param_every: int = 10,
+          log_every: int = 1) -> Monitor:
     """Start streaming gradient telemetry of ``model`` trained by ``optimizer``.
 
     Call ``mon.log(loss=..., batch_size=...)`` once per optimizer step, after
@@ -100,6 +102,12 @@ def watch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, project: 
             (``layer_param_norms``, ``layer_update_norms``; the collector derives the
             update-to-weight ratio). Costs one extra copy of the trainable weights in device
             memory during those steps. 0 disables.
+        log_every: send one record per this many ``log()`` calls (at step indices N-1,
+            2N-1, ...; :meth:`Monitor.close` sends a partial last window). Every call still
+            measures: the record carries a ``window`` with the max, min, mean and non-finite
+            count of the grad norm, each layer's grad norm, the loss and the extra scalars over
+            all the window's steps, so a spike between records is kept. Calling ``log()`` only
+            every N steps does the same for the norms of the steps it skipped.
 
     Raises:
         ValueError: a malformed run id, server URL or queue setting (setup errors, not
@@ -110,7 +118,7 @@ def watch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, project: 
                    flush_interval=flush_interval, max_queue=max_queue, enabled=enabled,
                    scaler=scaler, rank=rank, all_ranks=all_ranks, offline=offline,
                    spool_dir=spool_dir, spool=spool, spool_max_bytes=spool_max_bytes,
-                   param_every=param_every)
+                   param_every=param_every, log_every=log_every)
 
 
 def new_run_id(project: str) -> str:
@@ -159,7 +167,7 @@ class Monitor:
                  rank: int | None = None, all_ranks: bool = False, offline: bool = False,
                  spool_dir: str | os.PathLike[str] | None = None, spool: bool = True,
                  spool_max_bytes: int = spool_mod.DEFAULT_MAX_BYTES,
-                 param_every: int = 10) -> None:
+                 param_every: int = 10, log_every: int = 1) -> None:
         self.world_size, self.rank = _world(rank)
         self.run_id = new_run_id(project) if run is None else run
         if self.rank > 0 and all_ranks:
@@ -175,6 +183,8 @@ class Monitor:
             raise ValueError("flush_interval must be > 0 and max_queue >= 1")
         if not isinstance(param_every, int) or param_every < 0:
             raise ValueError(f"param_every must be an int >= 0, got {param_every!r}")
+        if not isinstance(log_every, int) or log_every < 1:
+            raise ValueError(f"log_every must be an int >= 1, got {log_every!r}")
         self.project = project
         self._optimizer = optimizer
         self._scaler = scaler
@@ -194,6 +204,9 @@ class Monitor:
         self._closure = False  # the running step() was given a closure
         self._local: torch.Tensor | None = None
         self._param_every = param_every
+        self._log_every = log_every
+        self._window = Window()  # steps measured since the last record sent
+        self._held: PendingStep | None = None  # the newest measured step not sent yet
         self._before: list[torch.Tensor] | None = None  # weights before a K-th step
         self._micro = 0  # backward passes since the last optimizer step
         self._queued_tasks: set[int] = set()
@@ -270,7 +283,7 @@ class Monitor:
         except Exception:
             self._warn("log", "gradsentry: log() failed; this step is not recorded")
             return None
-        if self._sender is not None:
+        if self._sender is not None and item is not self._held:
             self._sender.put(item)
         return item.step
 
@@ -286,6 +299,7 @@ class Monitor:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._send_held()
         self._before = None  # a weight copy left by a step that raised
         if self._sender is not None:
             self._sender.close(timeout)
@@ -355,7 +369,8 @@ class Monitor:
             self._found_inf = found_inf if isinstance(found_inf, torch.Tensor) else None
             # step(closure) (Lightning, LBFGS) runs backward and clipping inside the step,
             # after this hook: the post-hook measures the clip coefficient instead.
-            closure = args[0] if args else kwargs.get("closure")
+            # (``args`` starts with the optimizer itself: the hooks get step()'s own args.)
+            closure = args[1] if len(args) > 1 else kwargs.get("closure")
             self._closure = closure is not None
             if not self._closure:
                 self._clip_coef = self._measure_clip(optimizer)
@@ -385,6 +400,8 @@ class Monitor:
                 self._clip_coef = self._measure_clip(optimizer)
                 self._closure = False
             params = self._measure_params()
+            if self._frozen is not None:  # the previous step was never logged: keep its norms
+                self._fold_norms(self._frozen.index, self._frozen.measured)
             self._frozen = _Frozen(self._stash, self._clip_coef, self._steps, self._lrs(),
                                    self._found_inf, params)
             self._clip_coef = self._found_inf = None
@@ -514,10 +531,57 @@ class Monitor:
             else:
                 self._warn(f"type-{sub or field}", f"gradsentry: {sub or field} is a "
                            f"{type(value).__name__}, not a number; not recorded", exc_info=False)
+        if self._log_every > 1 or self._window.steps:
+            self._fold_norms(item.step, None if overflow else measured)
+            self._fold_values(loss, scalars)
+            if self._log_every == 1 or (item.step + 1) % self._log_every == 0:
+                layout, packed = self._window.pack()
+                if packed is not None:
+                    parts.append(packed.to(parts[0].device) if parts else packed)
+                item.window = (layout, self._window.steps, self._window_first(item.step))
+                self._window.reset()
+                self._held = None
+            else:
+                self._held = item
         if parts:
             # cat copies: later in-place updates of the caller's tensors cannot leak in.
             item.host, item.event = _to_host(torch.cat(parts))
         return item
+
+    def _window_first(self, default: int) -> int:
+        first = self._window.first
+        return default if first is None else first
+
+    def _fold_norms(self, index: int, measured: _Measured | None) -> None:
+        """Count step ``index`` into the window, with its grad norms when measured."""
+        self._window.add_step(index)
+        norms = None if measured is None else measured.norms
+        if norms is not None:
+            n = len(self.layers)
+            self._window.add("grad_norm", norms[:1])
+            self._window.add("grad_norm", norms[1:1 + n], vector=True)
+
+    def _fold_values(self, loss: Any, scalars: Mapping[str, Any]) -> None:
+        """Fold the loss and the extra scalars given to ``log()`` into the window."""
+        for name, value in (("loss", loss), *scalars.items()):
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                self._window.add(name, value)
+            elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+                self._window.add(name, torch.tensor([float(value)]))
+
+    def _send_held(self) -> None:
+        """At close: send the newest step of an unfinished ``log_every`` window with it."""
+        item, self._held = self._held, None
+        if item is None or self._sender is None or not self._window.steps:
+            return
+        try:
+            layout, packed = self._window.pack()
+            item.window = (layout, self._window.steps, self._window_first(item.step))
+            item.window_values = [] if packed is None else packed.cpu().tolist()
+            self._window.reset()
+            self._sender.put(item)
+        except Exception:
+            self._warn("window", "gradsentry: the last logging window could not be sent")
 
     def _warn(self, key: str, message: str, exc_info: bool = True) -> None:
         """Warn once per kind of failure (then DEBUG), so a hook failing every step cannot

@@ -120,3 +120,30 @@ def test_clip_coef_without_clipping_and_with_manual_scaling(receiver: Receiver) 
     assert coefs[0] == 1.0 and coefs[2] == 1.0
     assert math.isclose(coefs[1], 0.5, rel_tol=1e-6)
     assert len(reads) == 1  # only the step whose gradients changed was read again
+
+
+def test_clip_coef_with_a_closure_that_clips_inside_step(receiver: Receiver) -> None:
+    # step(closure) runs backward and clipping inside the step, after the step pre-hook
+    # (Lightning does this): the coefficient must still be post-clip / pre-clip.
+    model, opt = models.make(seed=9)
+    refs, posts = [], []
+    with client_hooks.watch(model, opt, server=receiver.url, flush_interval=60) as mon:
+        for i, max_norm in enumerate([0.05, 1e9]):
+            def closure(i: int = i, max_norm: float = max_norm) -> torch.Tensor:
+                opt.zero_grad()
+                loss = models.loss_of(model, seed=i)
+                loss.backward()
+                refs.append(models.reference_norms(model, models.snapshot(model)))
+                torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+                posts.append(models.reference_norms(model, models.snapshot(model))[""])
+                return loss
+
+            opt.step(closure)
+            mon.log()
+        assert mon.flush(timeout=5)
+    clipped, unclipped = receiver.steps
+    assert_norms(clipped, refs[0])
+    assert_close(clipped["clip_coef"], posts[0] / refs[0][""], "clipped step")
+    assert clipped["clip_coef"] < 0.9
+    assert_norms(unclipped, refs[1])
+    assert unclipped["clip_coef"] == 1.0
