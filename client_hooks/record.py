@@ -9,11 +9,13 @@ from typing import Any, Protocol
 
 import torch
 
+from .window import unpack
+
 # Order of the fields in a wire step record (client_hooks.wire docstring).
 _ORDER = ("step", "wall_time", "loss", "lr", "grad_norm", "batch_size", "samples", "tokens",
           "nonfinite", "layer_grad_norms", "layer_nonfinite", "clip_coef", "loss_scale",
           "local_grad_norm", "overflow", "micro_batches", "layer_param_norms",
-          "layer_update_norms", "lrs", "scalars")
+          "layer_update_norms", "lrs", "scalars", "window")
 _INT_FIELDS = frozenset(("batch_size", "samples", "tokens", "micro_batches"))
 # What an overflowed (skipped) step does not report: its gradient is inf/NaN, scaled.
 _NORM_FIELDS = ("grad_norm", "layer_grad_norms", "layer_nonfinite", "nonfinite", "clip_coef",
@@ -36,8 +38,9 @@ class PendingStep:
     for entry ``i`` of ``fields["lrs"]`` (a group whose lr is a tensor). ``fields`` and
     ``scalars`` hold the values that were Python numbers already. A packed ``overflow`` (a
     fused optimizer's ``found_inf`` device flag) becomes a bool here; when true the norms are
-    dropped and ``on_overflow`` is
-    called.
+    dropped and ``on_overflow`` is called. When ``window`` is set (``(layout, steps,
+    first_step)`` of :meth:`client_hooks.window.Window.pack`), the window's values follow,
+    or are ``window_values`` when they were read back separately.
     """
 
     step: int
@@ -50,6 +53,8 @@ class PendingStep:
     host: torch.Tensor | None = None
     event: _Event | None = None
     on_overflow: Callable[[], None] | None = None
+    window: tuple[list[tuple[str, int, int, bool]], int, int] | None = None
+    window_values: list[float] | None = None
 
     def to_record(self) -> dict[str, Any]:
         """The wire step record; waits for the device copy (sender thread only)."""
@@ -73,7 +78,8 @@ class PendingStep:
             pos += 2 * n
         if "lrs" in out:
             out["lrs"] = list(out["lrs"])  # filled in below where a group's lr is a tensor
-        for (name, sub), value in zip(self.packed, values[pos:], strict=True):
+        end = pos + len(self.packed)
+        for (name, sub), value in zip(self.packed, values[pos:end], strict=True):
             if name == "lrs" and sub is not None:
                 out["lrs"][int(sub)] = value
             elif sub is not None:
@@ -93,4 +99,8 @@ class PendingStep:
                 self.on_overflow()
         if scalars:
             out["scalars"] = scalars
+        if self.window is not None:
+            layout, steps, first = self.window
+            wvals = self.window_values if self.window_values is not None else values[end:]
+            out["window"] = unpack(layout, wvals, steps, first)
         return {k: out[k] for k in _ORDER if out.get(k) is not None}

@@ -17,7 +17,8 @@ JSON object; steps follow in batches (``POST /api/v1/runs/{run}/steps``)::
                 "layer_param_norms": [12.5, 40.1, ...], # every K-th step, one per layer
                 "layer_update_norms": [0.01, 0.2, ...], # same steps, same length
                 "lrs": [0.001, 0.0001],                # with several param groups
-                "scalars": {"attn_logit_max": 7.5}}]}
+                "scalars": {"attn_logit_max": 7.5},
+                "window": {...}}]}                    # when logging every N steps
 
 Every field but ``step`` is optional.
 
@@ -61,6 +62,28 @@ The other per-step fields:
   when there is more than one group (``lr`` is always group 0's). The
   collector stores ``lrs[i]`` as the scalar series ``lr/group{i}``, so a
   record's ``scalars`` may not use those names.
+
+- ``window``: present when the record stands for several optimizer steps
+  (``watch(log_every=N)``, or ``log()`` called only every N steps): the
+  record's own fields are its last step's, and the window summarises all of
+  them, that step included::
+
+      {"steps": 10, "first_step": 10,
+       "series": {"grad_norm": {"count": 10, "nonfinite": 0, "max": 9.1,
+                                "min": 1.2, "mean": 2.0},
+                  "loss": {...}, "<extra scalar>": {...}},
+       "layers": {"grad_norm": {"count": 10, "max": [...], "min": [...],
+                                "mean": [...], "nonfinite": [...]}}}
+
+  ``count`` is how many of the steps reported the series; ``max``, ``min``
+  and ``mean`` are over its finite values only (absent, or NaN in a layer
+  list, when none was finite) and ``nonfinite`` counts the steps where it was
+  NaN or ±Inf. The collector stores them as series ``X:max``, ``X:min``,
+  ``X:mean``, ``X:nonfinite`` and layer metrics ``grad_norm:max`` etc. at the
+  record's step (``window:steps`` holds ``steps``), and folds the maxima and
+  minima into the envelopes it serves, so a spike between records is kept.
+  Extra scalar names may therefore not end in ``:max``, ``:min``, ``:mean``
+  or ``:nonfinite``.
 
 Run-level semantics (``RunSpec.semantics``, :data:`DEFAULT_SEMANTICS`) say
 what every record of the run means; they do not vary per record, so records

@@ -35,7 +35,13 @@ NAMING_CONVENTION = {
 # Per-layer metrics stored as one float32 vector per step (ordered like Run.layers).
 # param_norm, update_norm: |w_l| after an optimizer step and |Δw_l| of that step (reported
 # every K steps); update_ratio = update_norm / param_norm, derived at ingest (0/0 is NaN).
-LAYER_METRICS = ("grad_norm", "nonfinite", "param_norm", "update_norm", "update_ratio")
+# grad_norm:max|min|mean|nonfinite: a logging window's statistics (client log_every), at the
+# window's last step.
+WINDOW_STATS = ("max", "min", "mean", "nonfinite")
+LAYER_METRICS = (
+    "grad_norm", "nonfinite", "param_norm", "update_norm", "update_ratio",
+    *(f"grad_norm:{stat}" for stat in WINDOW_STATS),
+)
 
 
 def utcnow() -> datetime:

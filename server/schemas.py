@@ -60,6 +60,35 @@ class RunCreate(Strict):
     semantics: dict[str, Any] = Field(default_factory=dict)
 
 
+class WindowStats(Strict):
+    """One series over a logging window: statistics of its finite values, non-finite count."""
+
+    count: Count
+    nonfinite: Count
+    max: float | None = None
+    min: float | None = None
+    mean: float | None = None
+
+
+class WindowLayerStats(Strict):
+    """Each layer's values over a logging window (lists ordered like the run's layers)."""
+
+    count: Count
+    max: list[float]
+    min: list[float]
+    mean: list[float]
+    nonfinite: list[Count]
+
+
+class WindowIn(Strict):
+    """The steps a record stands for when the client logs every N steps (``log_every``)."""
+
+    steps: Annotated[int, Field(strict=True, ge=1)]
+    first_step: StepNo
+    series: dict[ScalarName, WindowStats] = Field(default_factory=dict)
+    layers: dict[Literal["grad_norm"], WindowLayerStats] = Field(default_factory=dict)
+
+
 class StepIn(Strict):
     """One optimizer step as the client reports it (see ``client_hooks.wire``)."""
 
@@ -83,6 +112,7 @@ class StepIn(Strict):
     layer_update_norms: list[float] | None = None
     lrs: list[float] | None = Field(default=None, max_length=MAX_PARAM_GROUPS)
     scalars: dict[ScalarName, float] = Field(default_factory=dict)
+    window: WindowIn | None = None
 
 
 class StepBatch(Strict):

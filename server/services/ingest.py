@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from server import errors
 from server.analysis.ratios import update_ratio
-from server.models import STEP_SERIES, LayerValues, Scalar, Step, utcnow
+from server.models import STEP_SERIES, WINDOW_STATS, LayerValues, Scalar, Step, utcnow
 from server.schemas import IngestResult, StepBatch, StepIn
 from server.services.runs import get_run
 from server.settings import Settings
@@ -26,6 +26,37 @@ STEP_COLUMNS = ("wall_time", "loss", "lr", "grad_norm", "batch_size", "samples",
 # Per-layer vectors of a step record and the layer metric each is stored under.
 LAYER_FIELDS = {"layer_grad_norms": "grad_norm", "layer_nonfinite": "nonfinite",
                 "layer_param_norms": "param_norm", "layer_update_norms": "update_norm"}
+
+
+WINDOW_STEPS = "window:steps"
+_WINDOW_SUFFIXES = tuple(f":{stat}" for stat in WINDOW_STATS)
+
+
+def window_rows(run_pk: int, s: StepIn) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Scalar and layer rows of a record's logging window, at the record's step.
+
+    Series ``X`` gets ``X:max``, ``X:min``, ``X:mean`` (over its finite values; absent when
+    none was finite) and ``X:nonfinite``; layer metric ``grad_norm`` the same four as layer
+    metrics; ``window:steps`` counts the steps the record stands for.
+    """
+    w = s.window
+    if w is None:
+        return [], []
+    scalars = [{"run_pk": run_pk, "name": WINDOW_STEPS, "step": s.step, "value": w.steps}]
+    for name, st in w.series.items():
+        for stat in WINDOW_STATS:
+            value = getattr(st, stat)
+            if value is not None:
+                scalars.append(
+                    {"run_pk": run_pk, "name": f"{name}:{stat}", "step": s.step, "value": value}
+                )
+    layers = [
+        {"run_pk": run_pk, "metric": f"{metric}:{stat}", "step": s.step,
+         "values": np.asarray(getattr(st, stat), dtype="<f4")}
+        for metric, st in w.layers.items()
+        for stat in WINDOW_STATS
+    ]
+    return scalars, layers
 
 
 def lr_series(group: int) -> str:
@@ -123,6 +154,9 @@ def ingest_steps(
             {"run_pk": run.pk, "name": lr_series(i), "step": s.step, "value": v}
             for i, v in enumerate(s.lrs or ())
         )
+        w_scalars, w_layers = window_rows(run.pk, s)
+        scalar_rows.extend(w_scalars)
+        layer_rows.extend(w_layers)
     _upsert(session, Step.__table__, step_rows, ("run_pk", "step"))
     _upsert(session, LayerValues.__table__, layer_rows, ("run_pk", "metric", "step"))
     _upsert(session, Scalar.__table__, scalar_rows, ("run_pk", "name", "step"))
@@ -150,12 +184,39 @@ def _check_steps(steps: Sequence[StepIn], n_layers: int) -> None:
             raise errors.InvalidInput(
                 f"steps.{i}.scalars: {sorted(clash)} are built-in series names; rename them"
             )
+        reserved = [k for k in s.scalars if k.endswith(_WINDOW_SUFFIXES) or k == WINDOW_STEPS]
+        if reserved:
+            raise errors.InvalidInput(
+                f"steps.{i}.scalars: {reserved} end in a name reserved for logging-window "
+                f"statistics ({', '.join(_WINDOW_SUFFIXES)}); rename them"
+            )
+        if s.window is not None:
+            _check_window(i, s, n_layers)
         for field in LAYER_FIELDS:
             values = getattr(s, field)
             if values is not None and len(values) != n_layers:
                 raise errors.LayerCountMismatch(
                     f"steps.{i}.{field}: {len(values)} values for a run with {n_layers} layers"
                 )
+
+
+def _check_window(i: int, s: StepIn, n_layers: int) -> None:
+    w = s.window
+    assert w is not None
+    if w.first_step > s.step:
+        raise errors.InvalidInput(
+            f"steps.{i}.window.first_step: {w.first_step} is after the record's step {s.step}"
+        )
+    for metric, st in w.layers.items():
+        for stat in WINDOW_STATS:
+            if len(getattr(st, stat)) != n_layers:
+                raise errors.LayerCountMismatch(
+                    f"steps.{i}.window.layers.{metric}.{stat}: {len(getattr(st, stat))} values "
+                    f"for a run with {n_layers} layers"
+                )
+    bad = [k for k in w.series if k.endswith(_WINDOW_SUFFIXES) or k == WINDOW_STEPS]
+    if bad:
+        raise errors.InvalidInput(f"steps.{i}.window.series: {bad} are reserved names")
 
 
 def _upsert(

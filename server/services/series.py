@@ -48,6 +48,22 @@ def _series_values(
     return steps, values
 
 
+def _with_window_extremes(
+    session: Session, run: Run, name: str, lo: int, hi: int, steps: np.ndarray,
+    values: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``name``'s samples plus its logging windows' max and min (series ``name:max`` and
+    ``name:min``) at the windows' last steps, so a bucket's envelope covers the steps a
+    client aggregated instead of sending (``log_every``). Ordered by step again."""
+    extra = [_series_values(session, run, f"{name}:{stat}", lo, hi) for stat in ("max", "min")]
+    if not any(s.size for s, _ in extra):
+        return steps, values
+    all_steps = np.concatenate([steps, *(s for s, _ in extra)])
+    all_values = np.concatenate([values, *(v for _, v in extra)])
+    order = np.argsort(all_steps, kind="stable")
+    return all_steps[order], all_values[order]
+
+
 def _unknown_names(session: Session, run: Run, names: list[str]) -> list[str]:
     extra = [n for n in names if n not in STEP_SERIES]
     if not extra:
@@ -83,6 +99,7 @@ def read_series(
             size = 1
         else:
             steps, values = _series_values(session, run, name, *span)
+            steps, values = _with_window_extremes(session, run, name, *span, steps, values)
             size = bucket_size(span[0], span[1], max_points)
         origin = span[0] if span else 0
         b = downsample(steps, values, origin, size)
@@ -111,6 +128,28 @@ def read_layers(
         cols = [index[name] for name in layers]
     else:
         layers, cols = list(run.layers), list(range(len(run.layers)))
+    steps, matrix = _layer_matrix(session, run, metric, start, end)
+    if metric == "grad_norm":  # logging windows' extremes, as in _with_window_extremes
+        parts = [(steps, matrix)]
+        parts += [_layer_matrix(session, run, f"{metric}:{s}", start, end) for s in ("max", "min")]
+        if len(parts) > 1 and any(p[0].size for p in parts[1:]):
+            steps = np.concatenate([p[0] for p in parts])
+            order = np.argsort(steps, kind="stable")
+            steps, matrix = steps[order], np.concatenate([p[1] for p in parts])[order]
+    rows = steps.size
+    matrix = matrix[:, cols].astype(np.float64)
+    size = bucket_size(int(steps[0]), int(steps[-1]), max_points) if rows else 1
+    b = downsample(steps, matrix, int(steps[0]) if rows else 0, size)
+    lists = _lists(b)
+    for key in ("min", "max", "nonfinite"):  # rows = layers, as a heatmap wants them
+        lists[key] = getattr(b, key).T.tolist()
+    return LayersResponse(run=run_id, metric=metric, layers=layers, **lists)
+
+
+def _layer_matrix(
+    session: Session, run: Run, metric: str, start: int | None, end: int | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Steps and the step × layer float32 matrix of one layer metric, ordered by step."""
     query = select(LayerValues.step, LayerValues.values).where(
         LayerValues.run_pk == run.pk, LayerValues.metric == metric
     )
@@ -121,13 +160,7 @@ def read_layers(
     rows = session.execute(query.order_by(LayerValues.step)).all()
     steps = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
     matrix = np.stack([r[1] for r in rows]) if rows else np.empty((0, len(run.layers)), "<f4")
-    matrix = matrix[:, cols].astype(np.float64)
-    size = bucket_size(int(steps[0]), int(steps[-1]), max_points) if rows else 1
-    b = downsample(steps, matrix, int(steps[0]) if rows else 0, size)
-    lists = _lists(b)
-    for key in ("min", "max", "nonfinite"):  # rows = layers, as a heatmap wants them
-        lists[key] = getattr(b, key).T.tolist()
-    return LayersResponse(run=run_id, metric=metric, layers=layers, **lists)
+    return steps, matrix
 
 
 def _lists(b: Buckets) -> dict[str, Any]:
