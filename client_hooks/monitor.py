@@ -191,8 +191,9 @@ class Monitor:
         model, bucket_view = _unwrap(model)
         # With gradient_as_bucket_view the local gradient is all-reduced in place while
         # callback A runs: no clean local norm to take.
-        self._measure_local = self.world_size > 1 and not bucket_view
         self._norms = LayerNorms(model.named_parameters())
+        self._measure_local = (self.world_size > 1 and not bucket_view
+                               and not self._norms.sharding.active)
         self.layers: list[str] = list(self._norms.layers)
         self._batch_size = batch_size
         self._samples = 0
@@ -234,9 +235,15 @@ class Monitor:
                                   flush_interval=flush_interval, max_queue=max_queue,
                                   spool_dir=root, offline=offline,
                                   spool_max_bytes=spool_max_bytes)
-        for param in self._norms.params:
-            handle = param.register_post_accumulate_grad_hook(self._on_grad)  # type: ignore[no-untyped-call]
-            self._handles.append(handle)
+        if self._norms.sharding.active:
+            # FSDP2 assigns the sharded gradients itself (no AccumulateGrad on the sharded
+            # parameters): the pass is detected from the root module's outputs instead, and
+            # callback B runs after FSDP's post-backward callback has reduce-scattered them.
+            self._handles.append(model.register_forward_hook(self._on_root_forward))
+        else:
+            for param in self._norms.params:
+                handle = param.register_post_accumulate_grad_hook(self._on_grad)  # type: ignore[no-untyped-call]
+                self._handles.append(handle)
         self._handles.append(optimizer.register_step_pre_hook(self._on_step_pre))
         self._handles.append(optimizer.register_step_post_hook(self._on_step))
 
@@ -334,6 +341,19 @@ class Monitor:
         except Exception:
             self._warn("grad-hook", "gradsentry: gradient hook failed")
 
+    def _on_root_forward(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        """Sharded models: a backward pass through any output of the root module triggers."""
+        try:
+            if torch.is_grad_enabled():
+                for t in _tensors(output):
+                    if t.requires_grad:
+                        t.register_hook(self._on_output_grad)  # type: ignore[no-untyped-call]
+        except Exception:
+            self._warn("forward-hook", "gradsentry: forward hook failed")
+
+    def _on_output_grad(self, grad: torch.Tensor) -> None:
+        self._on_grad(grad)
+
     def _on_backward_end(self) -> None:
         """Callback A: the backward pass is over; DDP's all-reduce may still be pending."""
         try:
@@ -385,7 +405,9 @@ class Monitor:
             return None
         pre = stash.norms[:1]
         grad_scale = getattr(optimizer, "grad_scale", None)
-        if grad_scale is None and self._norms.signature() == stash.signature:
+        # In-place ops on DTensors bump no version counter: sharded gradients are re-read.
+        unchanged = not self._norms.sharding.active and self._norms.signature() == stash.signature
+        if grad_scale is None and unchanged:
             # Nothing clipped or unscaled the gradients since they were measured: skip a
             # second read of every gradient (the benchmark's largest per-step cost).
             return torch.ones_like(pre)
@@ -612,6 +634,17 @@ def _unwrap(model: torch.nn.Module) -> tuple[torch.nn.Module, bool]:
             model = inner  # torch._dynamo's OptimizedModule
         else:
             return model, bucket_view
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    """The tensors in a module output: a tensor, or nested tuples, lists and mappings."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, Mapping):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return []
 
 
 def _to_host(packed: torch.Tensor) -> tuple[torch.Tensor, Any]:

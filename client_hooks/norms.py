@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+from .sharded import Sharding
 
 ROOT_LAYER = "(root)"
 # Plans are keyed by which parameters have a gradient; mixture-of-experts models can vary that
@@ -26,6 +29,7 @@ class _Group:
     positions: tuple[int, ...]
     layer_ids: torch.Tensor  # long, on the output device
     norm_dtype: torch.dtype | None
+    weights: torch.Tensor | None = None  # per tensor, when sharded: 1 for shards, 1/ranks else
 
 
 class LayerNorms:
@@ -40,6 +44,12 @@ class LayerNorms:
     is not finite (a NaN or Inf entry, or a float32 norm that overflows, entries >~ 1e19).
     Squares are summed in float64 (float32 on MPS, which has no float64) so that norms between
     ~1.8e19 and ~3.4e38 do not overflow when squared.
+
+    Sharded parameters (FSDP2's ``fully_shard``: DTensor parameters and gradients) are reduced
+    from their local shards: each rank sums its shards' squares per layer and one
+    ``all_reduce`` over the shard dimensions of the mesh gives every rank the squares of the
+    full gradient (:mod:`client_hooks.sharded`), so the norms are of the whole gradient, not
+    of the local shard. ``bad_l`` then counts tensors with a non-finite value in any shard.
     """
 
     def __init__(self, named_parameters: Iterable[tuple[str, torch.nn.Parameter]]) -> None:
@@ -52,9 +62,14 @@ class LayerNorms:
             self._layer_of.append(index.setdefault(layer_name(name), len(index)))
             self.params.append(param)
         self.layers: list[str] = list(index)
-        self.device = self.params[0].device if self.params else torch.device("cpu")
+        self.sharding = Sharding.of(self.params)
+        self.device = _local(self.params[0]).device if self.params else torch.device("cpu")
         self._acc = torch.float32 if self.device.type == "mps" else torch.float64
         self._plans: dict[tuple[torch.dtype | None, ...], list[_Group]] = {}
+        counts = torch.zeros(len(self.layers), dtype=self._acc)
+        for layer in self._layer_of:
+            counts[layer] += 1
+        self._tensors_per_layer = counts.to(self.device)
 
     def compute(self, scale: torch.Tensor | None = None) -> torch.Tensor:
         """``[total, n_1..n_L, bad_1..bad_L]`` as one float32 tensor on :attr:`device`.
@@ -68,10 +83,13 @@ class LayerNorms:
         with torch.no_grad():  # grads require grad under create_graph=True; record nothing
             groups = self._group_norms()
             for group, stacked in groups:
-                sq.index_add_(0, group.layer_ids, stacked.square())
+                sq.index_add_(0, group.layer_ids, self._weigh(group, stacked.square()))
                 bad.index_add_(0, group.layer_ids, (~torch.isfinite(stacked)).to(self._acc))
-            total = self._total(groups)
-            layers = sq.sqrt()
+            total_sq = self._total_sq(groups)
+            if self.sharding.active:
+                sq, bad, total_sq = self.sharding.sum(sq, bad, total_sq)
+                bad = torch.minimum(bad, self._tensors_per_layer)  # shards of one tensor
+            total, layers = total_sq.sqrt(), sq.sqrt()
             if scale is not None:
                 inv = 1 / scale.detach().reshape(1).to(self.device, self._acc)
                 total, layers = total * inv, layers * inv
@@ -81,7 +99,8 @@ class LayerNorms:
         """The total norm alone, shape ``(1,)`` float32, computed exactly as :meth:`compute`
         computes it: equal gradients give bit-equal totals (a clip coefficient of exactly 1)."""
         with torch.no_grad():
-            total = self._total(self._group_norms())
+            (total_sq,) = self.sharding.sum(self._total_sq(self._group_norms()))
+            total = total_sq.sqrt()
             if scale is not None:
                 total = total / scale.detach().reshape(1).to(self.device, self._acc)
             return total.to(torch.float32)
@@ -90,10 +109,11 @@ class LayerNorms:
         """Identity and in-place version of every gradient, read without touching their data.
 
         Equal signatures mean no gradient was replaced or modified in place (clipping and
-        unscaling are in place), so a norm computed earlier still holds.
+        unscaling are in place), so a norm computed earlier still holds. Not for sharded
+        (DTensor) gradients: in-place ops on a DTensor bump no version counter.
         """
-        return tuple((0, -1) if p.grad is None else (p.grad.data_ptr(), p.grad._version)
-                     for p in self.params)
+        grads = (None if p.grad is None else _local(p.grad) for p in self.params)
+        return tuple((0, -1) if g is None else (g.data_ptr(), g._version) for g in grads)
 
     def snapshot(self) -> list[torch.Tensor]:
         """A copy of every parameter (one batched ``_foreach_mul``; torch falls back to one
@@ -103,7 +123,7 @@ class LayerNorms:
         Memory: one extra copy of the trainable weights, held until that call.
         """
         with torch.no_grad():
-            return list(torch._foreach_mul(self.params, 1.0))
+            return list(torch._foreach_mul([_local(p) for p in self.params], 1.0))
 
     def param_update_norms(self, before: list[torch.Tensor]) -> torch.Tensor:
         """``[w_1..w_L, u_1..u_L]`` as one float32 tensor on :attr:`device`.
@@ -120,31 +140,39 @@ class LayerNorms:
         """
         n = len(self.layers)
         with torch.no_grad():
-            params = self._reduce(self._group_norms(self.params), n)
-            torch._foreach_sub_(before, self.params)
+            local = [_local(p) for p in self.params]
+            params = self._reduce(self._group_norms(local), n)
+            torch._foreach_sub_(before, local)
             updates = self._reduce(self._group_norms(before), n)
-            return torch.cat([params, updates]).to(torch.float32)
+            if self.sharding.active:
+                params, updates = self.sharding.sum(params, updates)
+            return torch.cat([params.sqrt(), updates.sqrt()]).to(torch.float32)
 
     def _reduce(self, groups: list[tuple[_Group, torch.Tensor]], n: int) -> torch.Tensor:
-        """Per-layer norms sqrt(sum of squares) of grouped per-tensor norms."""
+        """Per-layer sums of squares of grouped per-tensor norms (this rank's share)."""
         sq = torch.zeros(n, dtype=self._acc, device=self.device)
         for group, stacked in groups:
-            sq.index_add_(0, group.layer_ids, stacked.square())
-        return sq.sqrt()
+            sq.index_add_(0, group.layer_ids, self._weigh(group, stacked.square()))
+        return sq
 
-    def _total(self, groups: list[tuple[_Group, torch.Tensor]]) -> torch.Tensor:
+    def _total_sq(self, groups: list[tuple[_Group, torch.Tensor]]) -> torch.Tensor:
         sq = torch.zeros(1, dtype=self._acc, device=self.device)
-        for _, stacked in groups:
-            sq = sq + stacked.square().sum()
-        return sq.sqrt()
+        for group, stacked in groups:
+            sq = sq + self._weigh(group, stacked.square()).sum()
+        return sq
+
+    def _weigh(self, group: _Group, squares: torch.Tensor) -> torch.Tensor:
+        """Squares of tensors that every rank holds whole are summed once over the ranks."""
+        return squares if group.weights is None else squares * group.weights
 
     def _group_norms(
         self, tensors: list[torch.Tensor] | None = None
     ) -> list[tuple[_Group, torch.Tensor]]:
         """Each group of ``tensors`` (one per parameter, in order; default: the current
         gradients) with its tensors' norms in the accumulator dtype."""
-        grads: list[torch.Tensor | None] = (
-            [p.grad for p in self.params] if tensors is None else list(tensors))
+        grads: list[torch.Tensor | None] = [
+            None if g is None else _local(g)
+            for g in ([p.grad for p in self.params] if tensors is None else tensors)]
         key = tuple(None if g is None else g.dtype for g in grads)
         plan = self._plans.get(key)
         if plan is None:
@@ -169,7 +197,10 @@ class LayerNorms:
             # One host-to-device copy per plan, not per step: plans are cached.
             ids = torch.tensor([self._layer_of[i] for i in positions], device=self.device)
             low = dtype in _LOW_PRECISION  # a bf16 norm keeps ~3 digits: reduce into float32
-            plan.append(_Group(tuple(positions), ids, torch.float32 if low else None))
+            weights = self.sharding.weights([self.params[i] for i in positions])
+            if weights is not None:
+                weights = weights.to(self.device, self._acc)
+            plan.append(_Group(tuple(positions), ids, torch.float32 if low else None, weights))
         return plan
 
 
@@ -180,3 +211,9 @@ def _foreach_norm(grads: list[torch.Tensor], dtype: torch.dtype | None) -> list[
         return list(torch._foreach_norm(grads, 2, dtype=dtype))
     except TypeError:  # torch < 2.5 has no dtype argument: lower-precision norms, still on device
         return list(torch._foreach_norm(grads))
+
+
+def _local(t: Any) -> torch.Tensor:
+    """A DTensor's local shard; any other tensor itself."""
+    to_local = getattr(t, "to_local", None)
+    return t if to_local is None else to_local()  # type: ignore[no-any-return]
