@@ -2,7 +2,12 @@
 
 Where the measurement sits (DESIGN.md, "Measurement semantics"): every trainable parameter gets
 a post-accumulate-grad hook; the first one to fire in a backward pass queues an autograd
-engine callback A. A runs when the backward pass ends and queues a second callback B, which
+engine callback A. The watched module's outputs also get a gradient hook in each forward
+(one Python call per pass instead of one per parameter); once they have announced
+``PROBE_PASSES`` backward passes in a row, the per-parameter hooks are removed, and if a pass
+comes that they missed (a loop that calls submodules directly), the output hook goes
+instead. (FSDP2 models use the output hook only; ``torch.compile`` wrappers the parameter
+hooks only.) A runs when the backward pass ends and queues a second callback B, which
 the engine runs after every callback queued during the pass, in particular after
 DistributedDataParallel's reducer has finished its all-reduce (DDP queues its finalizer when
 the last bucket is ready, after A). So A sees this rank's local gradient (kept as
@@ -57,6 +62,8 @@ from .window import Window
 
 logger = logging.getLogger("client_hooks")
 
+# Backward passes the root module's outputs must announce before the per-parameter hooks go.
+PROBE_PASSES = 3
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -188,7 +195,7 @@ class Monitor:
         self.project = project
         self._optimizer = optimizer
         self._scaler = scaler
-        model, bucket_view = _unwrap(model)
+        model, bucket_view, compiled = _unwrap(model)
         # With gradient_as_bucket_view the local gradient is all-reduced in place while
         # callback A runs: no clean local norm to take.
         self._norms = LayerNorms(model.named_parameters())
@@ -235,14 +242,24 @@ class Monitor:
                                   flush_interval=flush_interval, max_queue=max_queue,
                                   spool_dir=root, offline=offline,
                                   spool_max_bytes=spool_max_bytes)
-        if self._norms.sharding.active:
-            # FSDP2 assigns the sharded gradients itself (no AccumulateGrad on the sharded
-            # parameters): the pass is detected from the root module's outputs instead, and
-            # callback B runs after FSDP's post-backward callback has reduce-scattered them.
-            self._handles.append(model.register_forward_hook(self._on_root_forward))
-        else:
+        # How a backward pass is detected (module docstring): from the root module's outputs
+        # (one Python hook per pass) once a few passes proved that they announce every pass,
+        # else from a hook on every parameter. FSDP2 assigns the sharded gradients itself (no
+        # AccumulateGrad on the sharded parameters): outputs only. torch.compile: parameters
+        # only (a hook registered inside the compiled forward would break the graph).
+        self._trigger = "output" if self._norms.sharding.active else (
+            "params" if compiled else "probe")
+        self._by_output: set[int] = set()  # graph tasks the root's outputs announced
+        self._confirmed = 0
+        self._forward_handle: RemovableHandle | None = None
+        self._param_handles: list[RemovableHandle] = []
+        if self._trigger != "params":
+            self._forward_handle = model.register_forward_hook(_RootHook(self))
+            self._handles.append(self._forward_handle)
+        if self._trigger != "output":
             for param in self._norms.params:
                 handle = param.register_post_accumulate_grad_hook(self._on_grad)  # type: ignore[no-untyped-call]
+                self._param_handles.append(handle)
                 self._handles.append(handle)
         self._handles.append(optimizer.register_step_pre_hook(self._on_step_pre))
         self._handles.append(optimizer.register_step_post_hook(self._on_step))
@@ -352,14 +369,39 @@ class Monitor:
             self._warn("forward-hook", "gradsentry: forward hook failed")
 
     def _on_output_grad(self, grad: torch.Tensor) -> None:
+        try:
+            self._by_output.add(torch._C._current_graph_task_id())
+        except Exception:
+            self._warn("grad-hook", "gradsentry: gradient hook failed")
         self._on_grad(grad)
+
+    def _settle_trigger(self, task: int) -> None:
+        """While probing: keep the output trigger once it announced PROBE_PASSES passes in a
+        row (then drop the per-parameter hooks), drop it at the first pass it missed."""
+        announced = task in self._by_output
+        self._by_output.discard(task)
+        if self._trigger != "probe":
+            return
+        if not announced:  # the loop computes its loss without calling the watched module
+            self._trigger = "params"
+            if self._forward_handle is not None:
+                self._forward_handle.remove()
+            return
+        self._confirmed += 1
+        if self._confirmed >= PROBE_PASSES:
+            self._trigger = "output"
+            for handle in self._param_handles:
+                handle.remove()
+            self._param_handles.clear()
 
     def _on_backward_end(self) -> None:
         """Callback A: the backward pass is over; DDP's all-reduce may still be pending."""
         try:
-            self._queued_tasks.discard(torch._C._current_graph_task_id())
+            task = torch._C._current_graph_task_id()
+            self._queued_tasks.discard(task)
             if torch._C._current_autograd_node() is not None:
                 return  # a backward run by a node of another (reentrant checkpoint): not a pass
+            self._settle_trigger(task)
             self._micro += 1
             scale = self._scale()
             self._local = self._norms.total(scale) if self._measure_local else None
@@ -614,6 +656,31 @@ class Monitor:
         logger.log(level, message, exc_info=exc_info)
 
 
+class _RootHook:
+    """The forward hook on the watched module. A deep copy or a pickle of the module (an EMA
+    copy, ``torch.save(model)``) gets an inert hook instead of this monitor."""
+
+    def __init__(self, monitor: Monitor) -> None:
+        self.monitor = monitor
+
+    def __call__(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        self.monitor._on_root_forward(module, args, output)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        return _inert_hook
+
+    def __reduce__(self) -> tuple[Any, tuple[()]]:
+        return _inert_hook_factory, ()
+
+
+def _inert_hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+    return None
+
+
+def _inert_hook_factory() -> Any:
+    return _inert_hook
+
+
 def _world(rank: int | None) -> tuple[int, int]:
     """(world size, rank) from ``torch.distributed`` when it is initialised, else (1, 0)."""
     dist = torch.distributed
@@ -622,18 +689,19 @@ def _world(rank: int | None) -> tuple[int, int]:
     return 1, 0 if rank is None else rank
 
 
-def _unwrap(model: torch.nn.Module) -> tuple[torch.nn.Module, bool]:
+def _unwrap(model: torch.nn.Module) -> tuple[torch.nn.Module, bool, bool]:
     """The user's module inside DDP / ``torch.compile`` wrappers (same parameter objects, names
-    without ``module.`` / ``_orig_mod.``), and whether DDP's grads are bucket views."""
-    bucket_view = False
+    without ``module.`` / ``_orig_mod.``), whether DDP's grads are bucket views, and whether a
+    ``torch.compile`` wrapper was found."""
+    bucket_view = compiled = False
     while True:
         if isinstance(model, torch.nn.parallel.DistributedDataParallel):
             bucket_view = bool(model.gradient_as_bucket_view)
             model = model.module
         elif isinstance(inner := getattr(model, "_orig_mod", None), torch.nn.Module):
-            model = inner  # torch._dynamo's OptimizedModule
+            model, compiled = inner, True  # torch._dynamo's OptimizedModule
         else:
-            return model, bucket_view
+            return model, bucket_view, compiled
 
 
 def _tensors(value: Any) -> list[torch.Tensor]:

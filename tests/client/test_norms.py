@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import pytest
 import torch
 
 import client_hooks
@@ -145,3 +146,66 @@ def test_log_without_a_step_sends_the_newest_gradient(receiver: Receiver) -> Non
     assert first["lr"] == second["lr"] == 0.25
     assert_norms(second, ref)
     assert third["step"] == 99 and third["layer_grad_norms"] == second["layer_grad_norms"]
+
+
+def test_a_watched_model_can_be_deep_copied_and_saved(receiver: Receiver, tmp_path: Any) -> None:
+    # EMA copies and torch.save(model) must keep working; the copy must not report.
+    import copy
+
+    model, opt = models.make(seed=21)
+    with client_hooks.watch(model, opt, server=receiver.url, flush_interval=60) as mon:
+        twin = copy.deepcopy(model)
+        torch.save(model, tmp_path / "model.pt")
+        models.loss_of(twin, seed=0).backward()  # the copy's pass: not ours
+        models.loss_of(model, seed=1).backward()
+        ref = models.reference_norms(model, models.snapshot(model))
+        opt.step()
+        opt.zero_grad()
+        mon.log()
+        assert mon.flush(timeout=5)
+    (rec,) = receiver.steps
+    assert_norms(rec, ref)
+    assert rec["micro_batches"] == 1
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    models.loss_of(loaded, seed=2).backward()  # runs with the inert hook
+
+
+def test_output_trigger_replaces_the_parameter_hooks(receiver: Receiver) -> None:
+    model, opt = models.make(seed=22)
+    refs = []
+    with client_hooks.watch(model, opt, server=receiver.url, flush_interval=60) as mon:
+        for step in range(6):
+            for k in range(2):  # accumulation: every pass must still be counted
+                (models.loss_of(model, seed=10 * step + k) / 2).backward()
+            refs.append(models.reference_norms(model, models.snapshot(model)))
+            opt.step()
+            opt.zero_grad()
+            mon.log()
+        assert mon._trigger == "output" and not mon._param_handles  # noqa: SLF001
+        assert mon.flush(timeout=5)
+    records = receiver.steps
+    assert [r["micro_batches"] for r in records] == [2] * 6
+    for rec, ref in zip(records, refs, strict=True):
+        assert_norms(rec, ref)
+
+
+def test_loop_that_bypasses_the_watched_module_keeps_parameter_hooks(
+    receiver: Receiver,
+) -> None:
+    model, opt = models.make(seed=23)
+    wrapper = torch.nn.ModuleDict({"lm": model})  # watched, but never called itself
+    refs = []
+    with client_hooks.watch(wrapper, opt, server=receiver.url, flush_interval=60) as mon:
+        for step in range(5):
+            models.loss_of(wrapper["lm"], seed=step).backward()
+            refs.append(models.reference_norms(model, models.snapshot(model)))
+            opt.step()
+            opt.zero_grad()
+            mon.log()
+        assert mon._trigger == "params"  # noqa: SLF001
+        assert mon.flush(timeout=5)
+    records = receiver.steps
+    assert len(records) == 5
+    for rec, ref in zip(records, refs, strict=True):
+        assert rec["grad_norm"] == pytest.approx(ref[""], rel=1e-5)
+        assert rec["micro_batches"] == 1
