@@ -38,13 +38,17 @@ Method:
   everything the client runs on the training thread (per-parameter hooks, backward-end
   callbacks, optimizer pre/post hooks, ``log()``), whatever the client's internals are. The
   table lists each method's median per step: the hot spots.
-* The floor, "one read of all gradient bytes": in the same variant, right after
-  ``loss.backward()`` (where the client's reduction runs), the loop times
-  ``torch._foreach_norm(grads)`` and ``[g.sum() for g in grads]`` (each reads every gradient
-  element once and writes one scalar per tensor) and excludes that time from the step. The
-  floor is the faster of the two medians. A microbenchmark on populated gradients (interleaved,
-  rotating order, ``--micro-reps`` each) repeats the floors next to the client's reduction
-  (``LayerNorms.compute()``), ``clip_grad_norm_`` and Lightning's ``grad_norm``.
+* The floor, "one read of all gradient bytes": in a variant of its own (``one-read floor``,
+  the bare loop on its own model copy), right after ``loss.backward()`` (where the client's
+  reduction runs), the loop times ``torch._foreach_norm(grads)`` or ``[g.sum() for g in
+  grads]``, alternating step by step so that each is the first to read the fresh gradients
+  (each reads every gradient element once and writes one scalar per tensor), and excludes
+  that time from the step. The floor is the faster of the two medians. (Until 2026-11-23 the
+  floor was read in the gradsentry variant itself, after the client had read the gradients,
+  which found them in cache and made the floor look cheaper.) A microbenchmark on populated
+  gradients (interleaved, rotating order, ``--micro-reps`` each) repeats the floors next to
+  the client's reduction (``LayerNorms.compute()``), ``clip_grad_norm_`` and Lightning's
+  ``grad_norm``.
 * Also reported: the CPU time of the sender thread per logged step (off the training thread,
   but on a 2-core machine it competes for a core). ``--diagnose`` adds two attribution
   variants: 76 no-op post-accumulate-grad hooks, and ``watch()`` without ``log()``.
@@ -194,14 +198,19 @@ def build_variants(
         cls = probe.monitor_class() if probe is not None else Monitor
         mon = cls(v.model, v.opt, project="bench", server=server, batch_size=batch)
         m = mon
-        if probe is not None:
-            p_model, p_probe = v.model, probe
-            v.probe = lambda: p_probe.floor(p_model)
 
         def ours_after(loss: torch.Tensor) -> None:
             m.log(loss=loss, batch_size=batch)
 
         v.after_step = ours_after
+        variants.append(v)
+    if probe is not None and want("gradsentry"):
+        # The floor on a model of its own: right after backward it is the first to read the
+        # gradients, as the client's reduction is in the gradsentry variant (reading them after
+        # the client did would find them in cache and flatter the floor).
+        v = new("one-read floor")
+        f_model, f_probe = v.model, probe
+        v.probe = lambda: f_probe.floor(f_model)
         variants.append(v)
     if want("clip_grad_norm_"):
         v = new("clip_grad_norm_")
@@ -306,6 +315,7 @@ class Probe:
         self.floors: dict[str, list[float]] = {name: [] for name in FLOORS}
         self.on = False
         self._depth = 0
+        self._floor_calls = 0
 
     def monitor_class(self) -> type[Monitor]:
         probe = self
@@ -330,15 +340,14 @@ class Probe:
         return type("TimedMonitor", (Monitor,), methods)
 
     def floor(self, model: torch.nn.Module) -> None:
+        """One floor per step, alternating, so each is the first to read the gradients."""
         grads = [p.grad for p in model.parameters() if p.grad is not None]
-        order = list(FLOORS)
-        if len(self.steps) % 2:
-            order.reverse()
-        for name in order:
-            t0 = time.perf_counter()
-            FLOORS[name](grads)
-            if self.on:
-                self.floors[name].append(time.perf_counter() - t0)
+        name = list(FLOORS)[self._floor_calls % len(FLOORS)]
+        self._floor_calls += 1
+        t0 = time.perf_counter()
+        FLOORS[name](grads)
+        if self.on:
+            self.floors[name].append(time.perf_counter() - t0)
 
 
 def thread_cpu_s(thread: threading.Thread | None) -> float | None:
