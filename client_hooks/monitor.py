@@ -155,6 +155,7 @@ class _Frozen:
     lrs: list[float | torch.Tensor]  # one per param group
     found_inf: torch.Tensor | None = None  # a fused optimizer's skip flag, set by the scaler
     params: torch.Tensor | None = None  # LayerNorms.param_update_norms(), every K steps
+    step_time: float | None = None  # seconds since the previous optimizer step ended
 
 
 class Monitor:
@@ -210,6 +211,7 @@ class Monitor:
         self._clip_coef: torch.Tensor | None = None
         self._found_inf: torch.Tensor | None = None
         self._closure = False  # the running step() was given a closure
+        self._step_ended: float | None = None  # perf_counter() when the last step() ended
         self._local: torch.Tensor | None = None
         self._param_every = param_every
         self._log_every = log_every
@@ -466,8 +468,11 @@ class Monitor:
             params = self._measure_params()
             if self._frozen is not None:  # the previous step was never logged: keep its norms
                 self._fold_norms(self._frozen.index, self._frozen.measured)
+            now = time.perf_counter()
+            step_time = None if self._step_ended is None else now - self._step_ended
+            self._step_ended = now
             self._frozen = _Frozen(self._stash, self._clip_coef, self._steps, self._lrs(),
-                                   self._found_inf, params)
+                                   self._found_inf, params, step_time)
             self._clip_coef = self._found_inf = None
             self._micro = 0
             self._queued_tasks.clear()  # ids of passes that raised before their callbacks ran
@@ -526,11 +531,13 @@ class Monitor:
         clip_coef: torch.Tensor | None = None
         found_inf: torch.Tensor | None = None  # decided by the sender thread (record.py)
         params: torch.Tensor | None = None
+        step_time: float | None = None
         frozen, self._frozen = self._frozen, None
         if frozen is not None:
             measured, clip_coef, index, lrs = (frozen.measured, frozen.clip_coef, frozen.index,
                                                frozen.lrs)
             found_inf, params = frozen.found_inf, frozen.params
+            step_time = frozen.step_time
         elif self._scaler is not None and self._micro > 0:
             # Backward ran but no optimizer step: the scaler found inf/NaN and skipped it.
             overflow = True
@@ -557,6 +564,7 @@ class Monitor:
             item.param_layers = len(self.layers)
             parts.append(params)
         values: dict[str, Any] = {"loss": loss, "lr": lrs[0] if lrs else None,
+                                  "step_time": step_time,
                                   "batch_size": batch_size, "samples": samples, "tokens": tokens,
                                   "overflow": overflow if found_inf is None else found_inf}
         if measured is not None:

@@ -12,8 +12,8 @@ import torch
 from .window import unpack
 
 # Order of the fields in a wire step record (client_hooks.wire docstring).
-_ORDER = ("step", "wall_time", "loss", "lr", "grad_norm", "batch_size", "samples", "tokens",
-          "nonfinite", "layer_grad_norms", "layer_nonfinite", "clip_coef", "loss_scale",
+_ORDER = ("step", "wall_time", "step_time", "loss", "lr", "grad_norm", "batch_size", "samples",
+          "tokens", "nonfinite", "layer_grad_norms", "layer_nonfinite", "clip_coef", "loss_scale",
           "local_grad_norm", "overflow", "micro_batches", "layer_param_norms",
           "layer_update_norms", "lrs", "scalars", "window")
 _INT_FIELDS = frozenset(("batch_size", "samples", "tokens", "micro_batches"))

@@ -7,7 +7,8 @@ A run is announced once (``POST /api/v1/runs``) with a :class:`RunSpec`-shaped
 JSON object; steps follow in batches (``POST /api/v1/runs/{run}/steps``)::
 
     {"wire_version": 1,
-     "steps": [{"step": 0, "wall_time": 1700000000.5, "loss": 2.31, "lr": 0.001,
+     "steps": [{"step": 0, "wall_time": 1700000000.5, "step_time": 0.27,
+                "loss": 2.31, "lr": 0.001,
                 "grad_norm": 1.7, "batch_size": 32, "samples": 32, "tokens": 4096,
                 "nonfinite": 0,
                 "layer_grad_norms": [0.3, 1.2, ...],   # one per run layer, in order
@@ -35,6 +36,9 @@ number of parameter tensors of layer ``i`` whose gradient holds a NaN or Inf.
 
 The other per-step fields:
 
+- ``step_time``: seconds from the end of the previous optimizer step to the
+  end of this one (the training thread's clock; absent on the first step).
+  The collector stores it as the series ``step_time``.
 - ``clip_coef``: total gradient norm when the optimizer step ran (after
   ``clip_grad_norm_`` or any other in-place change) divided by ``grad_norm``;
   1.0 exactly when nothing changed the gradient, < 1 when it was clipped.
@@ -102,7 +106,7 @@ WIRE_VERSION = 1
 CONTENT_TYPE = "application/json"
 
 # Names of the per-step fields that are floats (may be non-finite).
-FLOAT_FIELDS = ("wall_time", "loss", "lr", "grad_norm", "clip_coef", "loss_scale",
+FLOAT_FIELDS = ("wall_time", "step_time", "loss", "lr", "grad_norm", "clip_coef", "loss_scale",
                 "local_grad_norm")
 # Per-step fields that are lists of floats (may hold non-finite values).
 FLOAT_LIST_FIELDS = ("layer_grad_norms", "layer_param_norms", "layer_update_norms", "lrs")

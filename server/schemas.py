@@ -94,6 +94,7 @@ class StepIn(Strict):
 
     step: StepNo
     wall_time: float | None = None
+    step_time: float | None = None
     loss: float | None = None
     lr: float | None = None
     grad_norm: float | None = None

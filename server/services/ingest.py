@@ -29,6 +29,7 @@ LAYER_FIELDS = {"layer_grad_norms": "grad_norm", "layer_nonfinite": "nonfinite",
 
 
 WINDOW_STEPS = "window:steps"
+STEP_TIME = "step_time"  # a StepIn field stored as a scalar series
 _WINDOW_SUFFIXES = tuple(f":{stat}" for stat in WINDOW_STATS)
 
 
@@ -154,6 +155,10 @@ def ingest_steps(
             {"run_pk": run.pk, "name": lr_series(i), "step": s.step, "value": v}
             for i, v in enumerate(s.lrs or ())
         )
+        if s.step_time is not None:
+            scalar_rows.append(
+                {"run_pk": run.pk, "name": STEP_TIME, "step": s.step, "value": s.step_time}
+            )
         w_scalars, w_layers = window_rows(run.pk, s)
         scalar_rows.extend(w_scalars)
         layer_rows.extend(w_layers)
@@ -179,6 +184,7 @@ def _check_steps(steps: Sequence[StepIn], n_layers: int) -> None:
         seen.add(s.step)
         # lrs[g] is stored as the series "lr/group{g}": a scalar of that name would clash.
         taken = STEP_SERIES_SET.union(lr_series(g) for g in range(len(s.lrs or ())))
+        taken = taken.union((STEP_TIME, WINDOW_STEPS))
         clash = taken.intersection(s.scalars)
         if clash:
             raise errors.InvalidInput(

@@ -112,3 +112,36 @@ def test_scalar_names_of_window_statistics_are_reserved(api: httpx.Client) -> No
     assert got.status_code == 422, got.text
     assert "reserved" in got.json()["detail"]
     assert num_steps(api, run_id) == 0
+
+
+def test_step_time_is_measured_and_stored(collector: Collector, api: httpx.Client) -> None:
+    import time
+
+    torch.manual_seed(4)
+    model = TinyGPT(vocab=32, dim=16, depth=1, heads=2, seq=8)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    data = markov_batches(32, 8, 4, seed=1)
+    run_id = new_run_id("steptime")
+    pauses = [0.0, 0.12, 0.03, 0.2]
+    with client_hooks.watch(model, opt, project="e2e", run=run_id, server=collector.url) as mon:
+        for pause in pauses:
+            time.sleep(pause)  # data loading, say: part of the step's wall time
+            x = next(data)
+            F.cross_entropy(model(x[:, :-1]).reshape(-1, 32), x[:, 1:].reshape(-1)).backward()
+            opt.step()
+            opt.zero_grad()
+            mon.log()
+        assert mon.flush(timeout=30)
+    got = _series(api, run_id, "step_time", 1000)["step_time"]
+    assert got["step"] == [1, 2, 3]  # the first step has no previous one
+    for value, pause in zip(got["max"], pauses[1:], strict=True):
+        assert pause <= _num(value) < pause + 0.5
+
+
+def test_step_time_is_a_reserved_scalar_name(api: httpx.Client) -> None:
+    run_id = create_run(api)
+    steps = make_steps(0, 1)
+    steps[0]["scalars"] = {"step_time": 1.0}
+    got = post_steps(api, run_id, steps)
+    assert got.status_code == 422, got.text
+    assert num_steps(api, run_id) == 0
