@@ -599,6 +599,13 @@ def report(
         f"{1e3 * ours:.3f} / {1e3 * floor:.3f} ms = {ours / floor:.2f}x (target <= 1.3x): "
         f"{verdict}"
     )
+    for name, samples in probe.floors.items():
+        if name != floor_name and samples:
+            other = statistics.median(samples)
+            print(
+                f"  - against the other read, `{name}`: {1e3 * ours:.3f} / {1e3 * other:.3f} ms"
+                f" = {ours / other:.2f}x; that read itself is {other / floor:.2f}x the floor"
+            )
     red = "ours: LayerNorms.compute() (the reduction alone)"
     if iso_samples and red in iso_samples:
         micro_floor = min(t for n, t in iso.items() if n.startswith("floor"))
