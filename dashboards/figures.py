@@ -1,0 +1,217 @@
+"""Plotly figures as plain dicts (``{"data": [...], "layout": {...}}``), from API responses.
+
+Pure functions: they take the read models of ``server.schemas`` (or anything shaped like
+them) and return JSON-ready dicts that ``Plotly.react`` draws. No HTTP, no database, no
+plotly import (building ``go.Figure`` objects validates every cell: too slow for 100k cells).
+
+Non-finite values never reach plotly as numbers: they become gaps (``None``) and are drawn
+separately (the non-finite timeline, red markers on the heatmap), so an Inf does not flatten
+the colour scale and a NaN does not hide a spike.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+Figure = dict[str, Any]
+
+PALETTE = ("#2355c4", "#d9480f", "#2b8a3e", "#862e9c", "#c92a2a", "#0b7285", "#5f3dc4",
+           "#e67700")
+NONFINITE_COLOUR = "#e03131"
+MAX_HEATMAP_PX = 1400
+
+
+class Series(Protocol):
+    name: str
+    step: list[int]
+    step_end: list[int]
+    min: list[float]
+    max: list[float]
+    nonfinite: list[int]
+
+
+class Matrix(Protocol):
+    metric: str
+    layers: list[str]
+    step: list[int]
+    step_end: list[int]
+    min: list[list[float]]
+    max: list[list[float]]
+    nonfinite: list[list[int]]
+
+
+def finite_or_none(v: float) -> float | None:
+    return v if math.isfinite(v) else None
+
+
+def log10_or_none(v: float) -> float | None:
+    """log10 of a positive finite value; gaps for 0, negatives and non-finite values."""
+    return math.log10(v) if math.isfinite(v) and v > 0 else None
+
+
+def _layout(title: str, *, log_y: bool = False, **extra: Any) -> dict[str, Any]:
+    layout: dict[str, Any] = {
+        "title": {"text": title, "x": 0.01, "font": {"size": 15}},
+        "margin": {"l": 60, "r": 20, "t": 40, "b": 40},
+        "xaxis": {"title": {"text": "step"}},
+        "yaxis": {"type": "log" if log_y else "linear"},
+        "legend": {"orientation": "h", "y": -0.2},
+        "hovermode": "x",
+    }
+    layout.update(extra)
+    return layout
+
+
+def envelope_traces(s: Series, label: str, colour: str, *, log_y: bool = False) -> list[Any]:
+    """Two traces: the bucket minimum (invisible) and the maximum filled down to it.
+
+    On a log axis, non-positive minima are dropped (gaps) rather than clipped.
+    """
+    fix = (lambda v: finite_or_none(v) if v > 0 else None) if log_y else finite_or_none
+    lo = [fix(v) for v in s.min]
+    hi = [fix(v) for v in s.max]
+    group = f"{label}-band"
+    return [
+        {"type": "scatter", "mode": "lines", "x": s.step, "y": lo, "name": f"{label} min",
+         "line": {"width": 0.5, "color": colour}, "legendgroup": group, "showlegend": False,
+         "hoverinfo": "skip"},
+        {"type": "scatter", "mode": "lines", "x": s.step, "y": hi, "name": label,
+         "line": {"width": 1.2, "color": colour}, "fill": "tonexty", "legendgroup": group,
+         "fillcolor": colour + "40", "customdata": s.step_end,
+         "hovertemplate": f"{label}<br>steps %{{x}}–%{{customdata}}<br>max %{{y:.4g}}"
+                          "<extra></extra>"},
+    ]
+
+
+def envelope_figure(s: Series, title: str, *, log_y: bool = False) -> Figure:
+    """One series as a min/max envelope: every bucket's extreme stays visible."""
+    return {"data": envelope_traces(s, s.name, PALETTE[0], log_y=log_y),
+            "layout": _layout(title, log_y=log_y)}
+
+
+def lines_figure(series: Sequence[Series], title: str, *, log_y: bool = False) -> Figure:
+    """Several series (e.g. the learning rate of each param group) as envelopes."""
+    data: list[Any] = []
+    for i, s in enumerate(series):
+        data += envelope_traces(s, s.name, PALETTE[i % len(PALETTE)], log_y=log_y)
+    return {"data": data, "layout": _layout(title, log_y=log_y)}
+
+
+def nonfinite_figure(s: Series, layers: Matrix | None) -> Figure:
+    """Non-finite timeline: NaN/Inf gradient values per step (bucket max), and per layer.
+
+    ``s`` is the ``nonfinite`` step series (count of non-finite tensors per step).
+    """
+    counts = [v if math.isfinite(v) else None for v in s.max]
+    data: list[Any] = [{"type": "bar", "x": s.step, "y": counts, "name": "non-finite values",
+                        "marker": {"color": NONFINITE_COLOUR}, "customdata": s.step_end,
+                        "hovertemplate": "steps %{x}–%{customdata}<br>%{y} non-finite"
+                                         "<extra></extra>"}]
+    bad_layers = 0
+    if layers is not None:
+        bad_layers = sum(1 for row in layers.max if any(v > 0 for v in row if math.isfinite(v)))
+    total = sum(1 for v in counts if v)
+    note = (f"{total} bucket(s) with non-finite values" if total
+            else "no NaN/Inf so far") + (f" · {bad_layers} layer(s) affected" if bad_layers
+                                         else "")
+    return {"data": data, "layout": _layout(f"non-finite timeline ({note})",
+                                            bargap=0, yaxis={"rangemode": "tozero"})}
+
+
+def heatmap_figure(m: Matrix, title: str, colour_title: str) -> Figure:
+    """Layers × steps heatmap of the bucket maxima, log colour, layers in model order.
+
+    One row per layer (first layer of the model at the top); cells with a NaN/Inf in
+    their bucket are gaps in the colour layer and red crosses on top of it.
+    """
+    z = [[log10_or_none(v) for v in row] for row in m.max]
+    finite = [v for row in z for v in row if v is not None]
+    lo, hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
+    ticks = list(range(math.floor(lo), math.ceil(hi) + 1)) or [0]
+    data: list[Any] = [{
+        "type": "heatmap", "z": z, "x": m.step, "y": m.layers, "colorscale": "Viridis",
+        "zmin": lo, "zmax": hi if hi > lo else lo + 1, "hoverongaps": False,
+        "colorbar": {"title": {"text": colour_title}, "tickvals": ticks,
+                     "ticktext": [f"1e{t}" for t in ticks]},
+        "hovertemplate": "%{y}<br>step %{x}<br>max 10^%{z:.2f}<extra></extra>",
+    }]
+    bad_x, bad_y = [], []
+    for name, row in zip(m.layers, m.nonfinite, strict=True):
+        for step, n in zip(m.step, row, strict=True):
+            if n:
+                bad_x.append(step)
+                bad_y.append(name)
+    if bad_x:
+        data.append({"type": "scatter", "mode": "markers", "x": bad_x, "y": bad_y,
+                     "name": "NaN/Inf", "marker": {"symbol": "x", "color": NONFINITE_COLOUR,
+                                                   "size": 7}, "hoverinfo": "x+y+name"})
+    height = min(MAX_HEATMAP_PX, max(320, 14 * len(m.layers) + 120))
+    left = min(320, 30 + 7 * max((len(n) for n in m.layers), default=4))
+    layout = _layout(title, height=height, hovermode="closest",
+                     margin={"l": left, "r": 20, "t": 40, "b": 40})
+    layout["yaxis"] = {"autorange": "reversed", "type": "category",
+                       "automargin": False, "tickfont": {"size": 10}}
+    return {"data": data, "layout": layout}
+
+
+def row_of(m: Matrix, index: int, name: str) -> Series:
+    """Row ``index`` of a matrix as a series named ``name``."""
+    return _Row(name=name, step=m.step, step_end=m.step_end, min=m.min[index],
+                max=m.max[index], nonfinite=m.nonfinite[index])
+
+
+class _Row:
+    def __init__(self, *, name: str, step: list[int], step_end: list[int], min: list[float],
+                 max: list[float], nonfinite: list[int]) -> None:
+        self.name, self.step, self.step_end = name, step, step_end
+        self.min, self.max, self.nonfinite = min, max, nonfinite
+
+
+def layer_figure(layer: str, matrices: Sequence[Matrix]) -> Figure:
+    """Drill-down: one layer's series of each per-layer metric (grad norm, update ratio…)."""
+    data: list[Any] = []
+    for i, m in enumerate(matrices):
+        if not m.step:
+            continue
+        row = row_of(m, m.layers.index(layer), m.metric)
+        traces = envelope_traces(row, m.metric, PALETTE[i % len(PALETTE)], log_y=True)
+        if i:
+            for t in traces:
+                t["yaxis"] = "y2"
+        data += traces
+    layout = _layout(f"layer {layer}", log_y=True, margin={"l": 60, "r": 70, "t": 40, "b": 40})
+    layout["yaxis"]["title"] = {"text": "grad norm"}
+    layout["yaxis2"] = {"type": "log", "overlaying": "y", "side": "right",
+                        "title": {"text": "other metrics"}, "showgrid": False}
+    return {"data": data, "layout": layout}
+
+
+def compare_figure(runs: Sequence[tuple[str, Series]], title: str, *, log_y: bool) -> Figure:
+    """Two or more runs' envelopes of the same series, overlaid, one colour per run."""
+    data: list[Any] = []
+    for i, (run, s) in enumerate(runs):
+        data += envelope_traces(s, run, PALETTE[i % len(PALETTE)], log_y=log_y)
+    return {"data": data, "layout": _layout(title, log_y=log_y)}
+
+
+def health(status: str, age_s: float, nonfinite_steps: int, stale_after_s: float) -> str:
+    """A one-word health of a run for the list: what needs a look first.
+
+    ``nonfinite`` beats ``stale`` beats ``ok``; finished runs are ``done``.
+    """
+    if nonfinite_steps:
+        return "nonfinite"
+    if status == "running" and age_s > stale_after_s:
+        return "stale"
+    return "ok" if status == "running" else "done"
+
+
+def age_text(seconds: float) -> str:
+    """'12 s', '5 min', '3 h', '2 d': how long ago, for people."""
+    s = max(0, int(seconds))
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if s >= size:
+            return f"{s // size} {unit}"
+    return f"{s} s"
