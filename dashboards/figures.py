@@ -17,8 +17,7 @@ from typing import Any, Protocol
 
 Figure = dict[str, Any]
 
-PALETTE = ("#2355c4", "#d9480f", "#2b8a3e", "#862e9c", "#c92a2a", "#0b7285", "#5f3dc4",
-           "#e67700")
+PALETTE = ("#2355c4", "#d9480f", "#2b8a3e", "#862e9c", "#c92a2a", "#0b7285", "#5f3dc4", "#e67700")
 NONFINITE_COLOUR = "#e03131"
 MAX_HEATMAP_PX = 1400
 
@@ -74,21 +73,40 @@ def envelope_traces(s: Series, label: str, colour: str, *, log_y: bool = False) 
     hi = [fix(v) for v in s.max]
     group = f"{label}-band"
     return [
-        {"type": "scatter", "mode": "lines", "x": s.step, "y": lo, "name": f"{label} min",
-         "line": {"width": 0.5, "color": colour}, "legendgroup": group, "showlegend": False,
-         "hoverinfo": "skip"},
-        {"type": "scatter", "mode": "lines", "x": s.step, "y": hi, "name": label,
-         "line": {"width": 1.2, "color": colour}, "fill": "tonexty", "legendgroup": group,
-         "fillcolor": colour + "40", "customdata": s.step_end,
-         "hovertemplate": f"{label}<br>steps %{{x}}–%{{customdata}}<br>max %{{y:.4g}}"
-                          "<extra></extra>"},
+        {
+            "type": "scatter",
+            "mode": "lines",
+            "x": s.step,
+            "y": lo,
+            "name": f"{label} min",
+            "line": {"width": 0.5, "color": colour},
+            "legendgroup": group,
+            "showlegend": False,
+            "hoverinfo": "skip",
+        },
+        {
+            "type": "scatter",
+            "mode": "lines",
+            "x": s.step,
+            "y": hi,
+            "name": label,
+            "line": {"width": 1.2, "color": colour},
+            "fill": "tonexty",
+            "legendgroup": group,
+            "fillcolor": colour + "40",
+            "customdata": s.step_end,
+            "hovertemplate": f"{label}<br>steps %{{x}}–%{{customdata}}<br>max %{{y:.4g}}"
+            "<extra></extra>",
+        },
     ]
 
 
 def envelope_figure(s: Series, title: str, *, log_y: bool = False) -> Figure:
     """One series as a min/max envelope: every bucket's extreme stays visible."""
-    return {"data": envelope_traces(s, s.name, PALETTE[0], log_y=log_y),
-            "layout": _layout(title, log_y=log_y)}
+    return {
+        "data": envelope_traces(s, s.name, PALETTE[0], log_y=log_y),
+        "layout": _layout(title, log_y=log_y),
+    }
 
 
 def lines_figure(series: Sequence[Series], title: str, *, log_y: bool = False) -> Figure:
@@ -105,19 +123,28 @@ def nonfinite_figure(s: Series, layers: Matrix | None) -> Figure:
     ``s`` is the ``nonfinite`` step series (count of non-finite tensors per step).
     """
     counts = [v if math.isfinite(v) else None for v in s.max]
-    data: list[Any] = [{"type": "bar", "x": s.step, "y": counts, "name": "non-finite values",
-                        "marker": {"color": NONFINITE_COLOUR}, "customdata": s.step_end,
-                        "hovertemplate": "steps %{x}–%{customdata}<br>%{y} non-finite"
-                                         "<extra></extra>"}]
+    data: list[Any] = [
+        {
+            "type": "bar",
+            "x": s.step,
+            "y": counts,
+            "name": "non-finite values",
+            "marker": {"color": NONFINITE_COLOUR},
+            "customdata": s.step_end,
+            "hovertemplate": "steps %{x}–%{customdata}<br>%{y} non-finite<extra></extra>",
+        }
+    ]
     bad_layers = 0
     if layers is not None:
         bad_layers = sum(1 for row in layers.max if any(v > 0 for v in row if math.isfinite(v)))
     total = sum(1 for v in counts if v)
-    note = (f"{total} bucket(s) with non-finite values" if total
-            else "no NaN/Inf so far") + (f" · {bad_layers} layer(s) affected" if bad_layers
-                                         else "")
-    return {"data": data, "layout": _layout(f"non-finite timeline ({note})",
-                                            bargap=0, yaxis={"rangemode": "tozero"})}
+    note = (f"{total} bucket(s) with non-finite values" if total else "no NaN/Inf so far") + (
+        f" · {bad_layers} layer(s) affected" if bad_layers else ""
+    )
+    return {
+        "data": data,
+        "layout": _layout(f"non-finite timeline ({note})", bargap=0, yaxis={"rangemode": "tozero"}),
+    }
 
 
 def heatmap_figure(m: Matrix, title: str, colour_title: str) -> Figure:
@@ -130,13 +157,24 @@ def heatmap_figure(m: Matrix, title: str, colour_title: str) -> Figure:
     finite = [v for row in z for v in row if v is not None]
     lo, hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
     ticks = list(range(math.floor(lo), math.ceil(hi) + 1)) or [0]
-    data: list[Any] = [{
-        "type": "heatmap", "z": z, "x": m.step, "y": m.layers, "colorscale": "Viridis",
-        "zmin": lo, "zmax": hi if hi > lo else lo + 1, "hoverongaps": False,
-        "colorbar": {"title": {"text": colour_title}, "tickvals": ticks,
-                     "ticktext": [f"1e{t}" for t in ticks]},
-        "hovertemplate": "%{y}<br>step %{x}<br>max 10^%{z:.2f}<extra></extra>",
-    }]
+    data: list[Any] = [
+        {
+            "type": "heatmap",
+            "z": z,
+            "x": m.step,
+            "y": m.layers,
+            "colorscale": "Viridis",
+            "zmin": lo,
+            "zmax": hi if hi > lo else lo + 1,
+            "hoverongaps": False,
+            "colorbar": {
+                "title": {"text": colour_title},
+                "tickvals": ticks,
+                "ticktext": [f"1e{t}" for t in ticks],
+            },
+            "hovertemplate": "%{y}<br>step %{x}<br>max 10^%{z:.2f}<extra></extra>",
+        }
+    ]
     bad_x, bad_y = [], []
     for name, row in zip(m.layers, m.nonfinite, strict=True):
         for step, n in zip(m.step, row, strict=True):
@@ -144,27 +182,54 @@ def heatmap_figure(m: Matrix, title: str, colour_title: str) -> Figure:
                 bad_x.append(step)
                 bad_y.append(name)
     if bad_x:
-        data.append({"type": "scatter", "mode": "markers", "x": bad_x, "y": bad_y,
-                     "name": "NaN/Inf", "marker": {"symbol": "x", "color": NONFINITE_COLOUR,
-                                                   "size": 7}, "hoverinfo": "x+y+name"})
+        data.append(
+            {
+                "type": "scatter",
+                "mode": "markers",
+                "x": bad_x,
+                "y": bad_y,
+                "name": "NaN/Inf",
+                "marker": {"symbol": "x", "color": NONFINITE_COLOUR, "size": 7},
+                "hoverinfo": "x+y+name",
+            }
+        )
     height = min(MAX_HEATMAP_PX, max(320, 14 * len(m.layers) + 120))
     left = min(320, 30 + 7 * max((len(n) for n in m.layers), default=4))
-    layout = _layout(title, height=height, hovermode="closest",
-                     margin={"l": left, "r": 20, "t": 40, "b": 40})
-    layout["yaxis"] = {"autorange": "reversed", "type": "category",
-                       "automargin": False, "tickfont": {"size": 10}}
+    layout = _layout(
+        title, height=height, hovermode="closest", margin={"l": left, "r": 20, "t": 40, "b": 40}
+    )
+    layout["yaxis"] = {
+        "autorange": "reversed",
+        "type": "category",
+        "automargin": False,
+        "tickfont": {"size": 10},
+    }
     return {"data": data, "layout": layout}
 
 
 def row_of(m: Matrix, index: int, name: str) -> Series:
     """Row ``index`` of a matrix as a series named ``name``."""
-    return _Row(name=name, step=m.step, step_end=m.step_end, min=m.min[index],
-                max=m.max[index], nonfinite=m.nonfinite[index])
+    return _Row(
+        name=name,
+        step=m.step,
+        step_end=m.step_end,
+        min=m.min[index],
+        max=m.max[index],
+        nonfinite=m.nonfinite[index],
+    )
 
 
 class _Row:
-    def __init__(self, *, name: str, step: list[int], step_end: list[int], min: list[float],
-                 max: list[float], nonfinite: list[int]) -> None:
+    def __init__(
+        self,
+        *,
+        name: str,
+        step: list[int],
+        step_end: list[int],
+        min: list[float],
+        max: list[float],
+        nonfinite: list[int],
+    ) -> None:
         self.name, self.step, self.step_end = name, step, step_end
         self.min, self.max, self.nonfinite = min, max, nonfinite
 
@@ -183,8 +248,13 @@ def layer_figure(layer: str, matrices: Sequence[Matrix]) -> Figure:
         data += traces
     layout = _layout(f"layer {layer}", log_y=True, margin={"l": 60, "r": 70, "t": 40, "b": 40})
     layout["yaxis"]["title"] = {"text": "grad norm"}
-    layout["yaxis2"] = {"type": "log", "overlaying": "y", "side": "right",
-                        "title": {"text": "other metrics"}, "showgrid": False}
+    layout["yaxis2"] = {
+        "type": "log",
+        "overlaying": "y",
+        "side": "right",
+        "title": {"text": "other metrics"},
+        "showgrid": False,
+    }
     return {"data": data, "layout": layout}
 
 

@@ -19,8 +19,9 @@ from dashboards.figures import (
 LOG_SERIES = frozenset({"grad_norm", "local_grad_norm", "lr"})
 
 
-def run_figures(series: Mapping[str, Series], lr_groups: Sequence[Series], grad: Matrix,
-                update_ratio: Matrix) -> dict[str, Figure | None]:
+def run_figures(
+    series: Mapping[str, Series], lr_groups: Sequence[Series], grad: Matrix, update_ratio: Matrix
+) -> dict[str, Figure | None]:
     """The run page's panels, keyed by the id of the element each is drawn into.
 
     A panel without data is ``None`` (the page shows a note instead of an empty chart).
@@ -28,13 +29,17 @@ def run_figures(series: Mapping[str, Series], lr_groups: Sequence[Series], grad:
     lr = [series["lr"], *lr_groups] if series["lr"].step else list(lr_groups)
     return {
         "loss": envelope_figure(series["loss"], "loss (min–max per bucket)"),
-        "grad_norm": envelope_figure(series["grad_norm"],
-                                     "total gradient norm, pre-clip (min–max per bucket)",
-                                     log_y=True),
-        "heatmap": heatmap_figure(grad, "per-layer gradient norm (bucket max) · click a row",
-                                  "|g|") if grad.step else None,
-        "update_ratio": heatmap_figure(update_ratio, "update-to-weight ratio |Δw|/|w| per layer",
-                                       "|Δw|/|w|") if update_ratio.step else None,
+        "grad_norm": envelope_figure(
+            series["grad_norm"], "total gradient norm, pre-clip (min–max per bucket)", log_y=True
+        ),
+        "heatmap": heatmap_figure(grad, "per-layer gradient norm (bucket max) · click a row", "|g|")
+        if grad.step
+        else None,
+        "update_ratio": heatmap_figure(
+            update_ratio, "update-to-weight ratio |Δw|/|w| per layer", "|Δw|/|w|"
+        )
+        if update_ratio.step
+        else None,
         "nonfinite": nonfinite_figure(series["nonfinite"], None),
         "lr": lines_figure(lr, "learning rate", log_y=True) if any(s.step for s in lr) else None,
     }

@@ -39,31 +39,35 @@ def features(request: Request) -> dict[str, bool]:
     paths = {r.path for r in request.app.routes if isinstance(r, APIRoute)}
     return {
         "alerts": "/api/v1/alerts" in paths,
-        "noise": any(p.startswith("/api/v1/runs/{") and p.endswith("}/noise-scale")
-                     for p in paths),
+        "noise": any(p.startswith("/api/v1/runs/{") and p.endswith("}/noise-scale") for p in paths),
     }
 
 
 def _render(request: Request, name: str, context: dict[str, Any]) -> HTMLResponse:
-    return templates.TemplateResponse(
-        request, name, {"features": features(request), **context}
-    )
+    return templates.TemplateResponse(request, name, {"features": features(request), **context})
 
 
 @router.get("/", response_class=HTMLResponse)
 def index(request: Request, session: SessionDep) -> HTMLResponse:
     rows = dashboard.run_rows(session, None, 200)
-    return _render(request, "index.html", {
-        "rows": rows,
-        "ages": {r.run.id: age_text(r.age_s) for r in rows},
-        "healths": {r.run.id: health(r.run.status, r.age_s, r.nonfinite_steps, STALE_AFTER_S)
-                    for r in rows},
-    })
+    return _render(
+        request,
+        "index.html",
+        {
+            "rows": rows,
+            "ages": {r.run.id: age_text(r.age_s) for r in rows},
+            "healths": {
+                r.run.id: health(r.run.status, r.age_s, r.nonfinite_steps, STALE_AFTER_S)
+                for r in rows
+            },
+        },
+    )
 
 
 @router.get("/runs/{run_id}", response_class=HTMLResponse)
-def run_page(run_id: str, request: Request, session: SessionDep, poll_ms: PollQ = 3000
-             ) -> HTMLResponse:
+def run_page(
+    run_id: str, request: Request, session: SessionDep, poll_ms: PollQ = 3000
+) -> HTMLResponse:
     run = run_service.describe(session, run_id)
     return _render(request, "run.html", {"run": run, "poll_ms": poll_ms})
 
@@ -72,8 +76,14 @@ def run_page(run_id: str, request: Request, session: SessionDep, poll_ms: PollQ 
 def run_figures_json(run_id: str, session: SessionDep) -> Response:
     d = dashboard.run_page(session, run_id, SERIES_POINTS, HEATMAP_POINTS)
     figures = run_figures(d.series, d.lr_groups, d.grad, d.update_ratio)
-    return WireJSONResponse({"run": d.run.model_dump(mode="json", include={
-        "id", "status", "last_step", "num_steps", "batch_size"}), "figures": figures})
+    return WireJSONResponse(
+        {
+            "run": d.run.model_dump(
+                mode="json", include={"id", "status", "last_step", "num_steps", "batch_size"}
+            ),
+            "figures": figures,
+        }
+    )
 
 
 @router.get("/runs/{run_id}/layer.json")
@@ -91,21 +101,26 @@ def _run_list(raw: str) -> list[str]:
 
 
 @router.get("/compare", response_class=HTMLResponse)
-def compare_page(request: Request, session: SessionDep, runs: str, poll_ms: PollQ = 5000
-                 ) -> HTMLResponse:
+def compare_page(
+    request: Request, session: SessionDep, runs: str, poll_ms: PollQ = 5000
+) -> HTMLResponse:
     ids = _run_list(runs)
     for run_id in ids:  # 404 for an unknown run
         run_service.get_run(session, run_id)
-    return _render(request, "compare.html",
-                   {"runs": ids, "names": COMPARE_SERIES, "poll_ms": poll_ms})
+    return _render(
+        request, "compare.html", {"runs": ids, "names": COMPARE_SERIES, "poll_ms": poll_ms}
+    )
 
 
 @router.get("/compare/figures.json")
 def compare_json(session: SessionDep, runs: str, names: str = "loss,grad_norm") -> Response:
     wanted = [n.strip() for n in names.split(",") if n.strip()]
     return WireJSONResponse(
-        {"figures": compare_figures(dashboard.compare(session, _run_list(runs), wanted,
-                                                      SERIES_POINTS))}
+        {
+            "figures": compare_figures(
+                dashboard.compare(session, _run_list(runs), wanted, SERIES_POINTS)
+            )
+        }
     )
 
 

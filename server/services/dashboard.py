@@ -34,8 +34,9 @@ class RunPageData:
     update_ratio: LayersResponse
 
 
-def run_rows(session: Session, project: str | None, limit: int, now: datetime | None = None
-             ) -> list[RunRow]:
+def run_rows(
+    session: Session, project: str | None, limit: int, now: datetime | None = None
+) -> list[RunRow]:
     """The most recently active runs, with their age and count of steps that had NaN/Inf."""
     items = runs.list_runs(session, project, limit, 0)
     pks = {
@@ -54,8 +55,11 @@ def run_rows(session: Session, project: str | None, limit: int, now: datetime | 
     }
     now = now or utcnow()
     return [
-        RunRow(run=r, age_s=(now - r.updated_at).total_seconds(),
-               nonfinite_steps=int(bad.get(pks[r.id], 0)))
+        RunRow(
+            run=r,
+            age_s=(now - r.updated_at).total_seconds(),
+            nonfinite_steps=int(bad.get(pks[r.id], 0)),
+        )
         for r in items
     ]
 
@@ -63,18 +67,26 @@ def run_rows(session: Session, project: str | None, limit: int, now: datetime | 
 def run_page(session: Session, run_id: str, max_points: int, heat_points: int) -> RunPageData:
     """Everything the run page draws except alerts and noise scale (their own REST)."""
     run = runs.describe(session, run_id)
-    groups = sorted((n for n in run.series or () if n.startswith("lr/group")),
-                    key=lambda n: int(n.removeprefix("lr/group") or 0))
+    groups = sorted(
+        (n for n in run.series or () if n.startswith("lr/group")),
+        key=lambda n: int(n.removeprefix("lr/group") or 0),
+    )
     got = series.read_series(session, run_id, [*RUN_SERIES, *groups], None, None, max_points)
     by_name = {s.name: s for s in got.series}
     grad = series.read_layers(session, run_id, "grad_norm", None, None, None, heat_points)
     ratio = series.read_layers(session, run_id, "update_ratio", None, None, None, heat_points)
-    return RunPageData(run=run, series={n: by_name[n] for n in RUN_SERIES},
-                       lr_groups=[by_name[n] for n in groups], grad=grad, update_ratio=ratio)
+    return RunPageData(
+        run=run,
+        series={n: by_name[n] for n in RUN_SERIES},
+        lr_groups=[by_name[n] for n in groups],
+        grad=grad,
+        update_ratio=ratio,
+    )
 
 
-def layer_detail(session: Session, run_id: str, layer: str, max_points: int
-                 ) -> list[LayersResponse]:
+def layer_detail(
+    session: Session, run_id: str, layer: str, max_points: int
+) -> list[LayersResponse]:
     """One layer's grad norm and update-to-weight ratio (drill-down from the heatmap)."""
     return [
         series.read_layers(session, run_id, metric, [layer], None, None, max_points)
@@ -82,8 +94,9 @@ def layer_detail(session: Session, run_id: str, layer: str, max_points: int
     ]
 
 
-def compare(session: Session, run_ids: list[str], names: list[str], max_points: int
-            ) -> dict[str, list[tuple[str, SeriesOut]]]:
+def compare(
+    session: Session, run_ids: list[str], names: list[str], max_points: int
+) -> dict[str, list[tuple[str, SeriesOut]]]:
     """Series ``names`` of each run, keyed by series name: ``{name: [(run, series)]}``."""
     if len(run_ids) < 2:
         raise errors.InvalidInput("compare needs two or more runs: ?runs=a,b")

@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import torch
 from torch import nn
@@ -18,7 +17,9 @@ from client_hooks.demo import train
 from tests.conftest import Collector, new_run_id
 from tests.dashboard.conftest import WatchedPage
 
-DRAWN = "id => { const el = document.getElementById(id); return !!(el && el.data && el.data.length); }"
+DRAWN = (
+    "id => { const el = document.getElementById(id); return !!(el && el.data && el.data.length); }"
+)
 
 
 @pytest.fixture(scope="module")
@@ -30,12 +31,8 @@ def trained(pg_collector: Collector) -> list[str]:
     return ids
 
 
-def _api(c: Collector) -> httpx.Client:
-    return c.client()
-
-
 def _run(c: Collector, run_id: str) -> dict[str, Any]:
-    with _api(c) as api:
+    with c.client() as api:
         resp = api.get(f"/api/v1/runs/{run_id}")
         resp.raise_for_status()
         out: dict[str, Any] = resp.json()
@@ -82,28 +79,38 @@ def test_heatmap_has_one_row_per_layer_and_a_click_shows_that_layer(
     p = page.page
     p.goto(f"{pg_collector.url}/runs/{run_id}")
     p.wait_for_function(DRAWN, arg="heatmap", timeout=15_000)
-    heat = p.evaluate("() => { const d = document.getElementById('heatmap').data[0];"
-                      " return {y: d.y, rows: d.z.length, cols: d.z[0].length, x: d.x}; }")
+    heat = p.evaluate(
+        "() => { const d = document.getElementById('heatmap').data[0];"
+        " return {y: d.y, rows: d.z.length, cols: d.z[0].length, x: d.x}; }"
+    )
     assert heat["y"] == layers  # model order, one row each
     assert heat["rows"] == len(layers) and heat["cols"] == len(heat["x"]) == 25
 
     target = layers[len(layers) // 2]
     # A real mouse click on the middle of that row, at the middle step.
-    xy = p.evaluate("""name => {
+    xy = p.evaluate(
+        """name => {
         const gd = document.getElementById('heatmap'), L = gd._fullLayout;
         const box = gd.getBoundingClientRect();
         return [box.left + L.xaxis._offset + L.xaxis._length / 2,
                 box.top + L.yaxis._offset + L.yaxis.l2p(L.yaxis.d2l(name))];
-    }""", target)
+    }""",
+        target,
+    )
     p.mouse.click(xy[0], xy[1])
-    p.wait_for_function(f"() => document.getElementById('layer-detail-name').textContent"
-                        f" === 'layer {target}'", timeout=10_000)
+    p.wait_for_function(
+        f"() => document.getElementById('layer-detail-name').textContent === 'layer {target}'",
+        timeout=10_000,
+    )
     p.wait_for_function(DRAWN, arg="layer-detail", timeout=10_000)
-    shown = p.evaluate("() => document.getElementById('layer-detail').data"
-                       ".filter(t => t.name === 'grad_norm').map(t => t.y)[0]")
-    with _api(pg_collector) as api:
-        want = api.get(f"/api/v1/runs/{run_id}/layers",
-                       params={"layers": target, "max_points": 1000}).json()["max"][0]
+    shown = p.evaluate(
+        "() => document.getElementById('layer-detail').data"
+        ".filter(t => t.name === 'grad_norm').map(t => t.y)[0]"
+    )
+    with pg_collector.client() as api:
+        want = api.get(
+            f"/api/v1/runs/{run_id}/layers", params={"layers": target, "max_points": 1000}
+        ).json()["max"][0]
     assert shown == pytest.approx(want, rel=1e-6)
     _shot(page, artifacts, "drilldown")
     assert page.errors == []
@@ -120,8 +127,10 @@ def test_compare_page_overlays_the_runs(
     p.wait_for_url("**/compare?runs=*")
     for panel in ("cmp-loss", "cmp-grad_norm"):
         p.wait_for_function(DRAWN, arg=panel, timeout=15_000)
-        names = p.evaluate(f"() => document.getElementById('{panel}').data"
-                           ".filter(t => t.showlegend !== false).map(t => t.name)")
+        names = p.evaluate(
+            f"() => document.getElementById('{panel}').data"
+            ".filter(t => t.showlegend !== false).map(t => t.name)"
+        )
         assert sorted(names) == sorted(trained)
         steps = p.evaluate(f"() => document.getElementById('{panel}').data.map(t => t.x.length)")
         assert steps == [25] * 4
@@ -142,8 +151,15 @@ class SlowRun:
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
-        mon = client_hooks.watch(model, opt, project="browser", run=self.run_id,
-                                 server=self.server, flush_interval=0.1, batch_size=4)
+        mon = client_hooks.watch(
+            model,
+            opt,
+            project="browser",
+            run=self.run_id,
+            server=self.server,
+            flush_interval=0.1,
+            batch_size=4,
+        )
         for _ in range(self.steps):
             if self.stop.is_set():
                 break
@@ -170,7 +186,7 @@ def test_live_run_page_shows_new_steps_without_reload(
     pg_collector: Collector, slow_run: SlowRun, page: WatchedPage, artifacts: Path
 ) -> None:
     deadline = time.monotonic() + 20
-    with _api(pg_collector) as api:
+    with pg_collector.client() as api:
         while api.get(f"/api/v1/runs/{slow_run.run_id}").json().get("last_step") is None:
             assert time.monotonic() < deadline, "the live run sent nothing"
             time.sleep(0.1)
@@ -183,7 +199,9 @@ def test_live_run_page_shows_new_steps_without_reload(
     p.wait_for_function(
         "first => Math.max(...document.getElementById('heatmap').data[0].x) >= first + 20"
         " && Number(document.getElementById('last-step').textContent) >= first + 20",
-        arg=first, timeout=20_000)
+        arg=first,
+        timeout=20_000,
+    )
     assert p.evaluate("() => window.__sameDocument") is True
     _shot(page, artifacts, "live")
     assert page.errors == []
