@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
-from sqlalchemy import func, select
+from sqlalchemy import Float, and_, cast, func, literal, or_, select
 from sqlalchemy.orm import Session
 
 from server import errors
 from server.models import LAYER_METRICS, STEP_SERIES, LayerValues, Run, Scalar, Step
+from server.models_rollups import ROLLUP_LEVELS
 from server.schemas import LayersResponse, SeriesOut, SeriesResponse
+from server.services import rollups
 from server.services.downsample import Buckets, bucket_size, downsample
 from server.services.runs import get_run
 
@@ -48,6 +51,46 @@ def _series_values(
     return steps, values
 
 
+def _series_buckets_sql(
+    session: Session, run: Run, name: str, span: tuple[int, int], size: int
+) -> Buckets:
+    """``downsample`` done by PostgreSQL: one row per bucket instead of one per step.
+
+    Same semantics: min/max ignore NaN (Postgres orders NaN above every number, so it is
+    filtered out; a bucket of NaN only reads NaN), ±Inf take part, non-finite are counted.
+    """
+    lo, hi = span
+    if name in STEP_SERIES:
+        raw = getattr(Step, name)
+        step, keys = Step.step, [Step.run_pk == run.pk]
+    else:
+        raw, step, keys = Scalar.value, Scalar.step, [Scalar.run_pk == run.pk, Scalar.name == name]
+    value = cast(raw, Float(53))
+    nan, inf = literal(math.nan, Float(53)), literal(math.inf, Float(53))
+    finite_or_inf = value != nan
+    bucket = ((step - lo) // size).label("bucket")
+    rows = session.execute(
+        select(
+            bucket,
+            func.min(step),
+            func.max(step),
+            func.min(value).filter(finite_or_inf),
+            func.max(value).filter(finite_or_inf),
+            func.count().filter(or_(value == nan, value == inf, value == -inf)),
+        )
+        .where(*keys, raw.is_not(None), step >= lo, step <= hi)
+        .group_by(bucket)
+        .order_by(bucket)
+    ).all()
+    n = len(rows)
+
+    def col(i: int, dtype: Any) -> np.ndarray:
+        return np.fromiter((math.nan if r[i] is None else r[i] for r in rows), dtype, n)
+
+    return Buckets(size, col(1, np.int64), col(2, np.int64), col(3, np.float64),
+                   col(4, np.float64), col(5, np.int64))
+
+
 def _unknown_names(session: Session, run: Run, names: list[str]) -> list[str]:
     extra = [n for n in names if n not in STEP_SERIES]
     if not extra:
@@ -82,8 +125,12 @@ def read_series(
             steps, values = np.empty(0, np.int64), np.empty(0)
             size = 1
         else:
-            steps, values = _series_values(session, run, name, *span)
             size = bucket_size(span[0], span[1], max_points)
+            if size > 1 and session.get_bind().dialect.name == "postgresql":
+                b = _series_buckets_sql(session, run, name, span, size)
+                out.append(SeriesOut(name=name, **_lists(b)))
+                continue
+            steps, values = _series_values(session, run, name, *span)
         origin = span[0] if span else 0
         b = downsample(steps, values, origin, size)
         out.append(SeriesOut(name=name, **_lists(b)))
@@ -99,7 +146,11 @@ def read_layers(
     end: int | None,
     max_points: int,
 ) -> LayersResponse:
-    """The layer × step matrix of ``metric``, bucketed along steps (min/max kept)."""
+    """The layer × step matrix of ``metric``, bucketed along steps (min/max kept).
+
+    Long ranges read whole blocks from ``layer_rollups`` (buckets are then a whole number
+    of blocks, aligned to them) and only the partial blocks at the edges from the steps.
+    """
     if metric not in LAYER_METRICS:
         raise errors.InvalidInput(f"unknown layer metric {metric!r}; use one of {LAYER_METRICS}")
     run = get_run(session, run_id)
@@ -111,23 +162,58 @@ def read_layers(
         cols = [index[name] for name in layers]
     else:
         layers, cols = list(run.layers), list(range(len(run.layers)))
-    query = select(LayerValues.step, LayerValues.values).where(
-        LayerValues.run_pk == run.pk, LayerValues.metric == metric
-    )
+    where = and_(LayerValues.run_pk == run.pk, LayerValues.metric == metric)
     if start is not None:
-        query = query.where(LayerValues.step >= start)
+        where = and_(where, LayerValues.step >= start)
     if end is not None:
-        query = query.where(LayerValues.step <= end)
-    rows = session.execute(query.order_by(LayerValues.step)).all()
-    steps = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-    matrix = np.stack([r[1] for r in rows]) if rows else np.empty((0, len(run.layers)), "<f4")
-    matrix = matrix[:, cols].astype(np.float64)
-    size = bucket_size(int(steps[0]), int(steps[-1]), max_points) if rows else 1
-    b = downsample(steps, matrix, int(steps[0]) if rows else 0, size)
+        where = and_(where, LayerValues.step <= end)
+    first, last = session.execute(
+        select(func.min(LayerValues.step), func.max(LayerValues.step)).where(where)
+    ).one()
+    width = len(run.layers)
+    if first is None:
+        pieces, origin, size = rollups.Pieces.empty(width), 0, 1
+    else:
+        pieces, origin, size = _layer_pieces(
+            session, run, metric, where, (int(first), int(last)), (start, end), max_points
+        )
+    _, merged = pieces.columns(cols).group((pieces.first - origin) // size)
+    b = Buckets(size, merged.first, merged.last, merged.vmin, merged.vmax, merged.nonfinite)
     lists = _lists(b)
     for key in ("min", "max", "nonfinite"):  # rows = layers, as a heatmap wants them
         lists[key] = getattr(b, key).T.tolist()
     return LayersResponse(run=run_id, metric=metric, layers=layers, **lists)
+
+
+def _layer_pieces(
+    session: Session,
+    run: Run,
+    metric: str,
+    where: Any,
+    span: tuple[int, int],
+    bounds: tuple[int | None, int | None],
+    max_points: int,
+) -> tuple[rollups.Pieces, int, int]:
+    """(pieces to bucket, bucket origin, bucket size) for the steps in ``span``."""
+    first, last = span
+    width = len(run.layers)
+    needed = bucket_size(first, last, max_points)
+    level = max((lv for lv in ROLLUP_LEVELS if lv <= needed), default=None)
+    if level is None:
+        return rollups.raw_pieces(session, where, width), first, needed
+    size = -(-needed // level) * level
+    origin = first // level * level
+    while (last - origin) // size + 1 > max_points:
+        size += level
+    start, end = bounds
+    b0 = first // level if start is None else -(-start // level)
+    b1 = last // level if end is None else (end + 1) // level - 1
+    blocks = rollups.stored_pieces(session, run.pk, metric, level, b0, b1, width)
+    if not len(blocks):  # nothing whole inside the range: the steps themselves are few
+        return rollups.raw_pieces(session, where, width), origin, size
+    outside = or_(LayerValues.step < b0 * level, LayerValues.step >= (b1 + 1) * level)
+    edges = rollups.raw_pieces(session, and_(where, outside), width)
+    return blocks.concat(edges), origin, size
 
 
 def _lists(b: Buckets) -> dict[str, Any]:
