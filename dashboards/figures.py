@@ -15,6 +15,8 @@ import math
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+import numpy as np
+
 Figure = dict[str, Any]
 
 PALETTE = ("#2355c4", "#d9480f", "#2b8a3e", "#862e9c", "#c92a2a", "#0b7285", "#5f3dc4", "#e67700")
@@ -48,6 +50,18 @@ def finite_or_none(v: float) -> float | None:
 def log10_or_none(v: float) -> float | None:
     """log10 of a positive finite value; gaps for 0, negatives and non-finite values."""
     return math.log10(v) if math.isfinite(v) and v > 0 else None
+
+
+def log10_grid(rows: Sequence[Sequence[float]]) -> tuple[list[list[float | None]], float, float]:
+    """log10 of each cell (gaps for 0, negatives, NaN/Inf) and the range of the finite logs."""
+    arr = np.asarray(rows, dtype=np.float64).reshape(len(rows), -1)
+    ok = np.isfinite(arr) & (arr > 0)
+    logs = np.log10(np.where(ok, arr, 1.0))
+    z = logs.astype(object)
+    z[~ok] = None
+    if not ok.any():
+        return z.tolist(), 0.0, 1.0
+    return z.tolist(), float(logs[ok].min()), float(logs[ok].max())
 
 
 def _layout(title: str, *, log_y: bool = False, **extra: Any) -> dict[str, Any]:
@@ -153,9 +167,7 @@ def heatmap_figure(m: Matrix, title: str, colour_title: str) -> Figure:
     One row per layer (first layer of the model at the top); cells with a NaN/Inf in
     their bucket are gaps in the colour layer and red crosses on top of it.
     """
-    z = [[log10_or_none(v) for v in row] for row in m.max]
-    finite = [v for row in z for v in row if v is not None]
-    lo, hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
+    z, lo, hi = log10_grid(m.max)
     ticks = list(range(math.floor(lo), math.ceil(hi) + 1)) or [0]
     data: list[Any] = [
         {

@@ -14,7 +14,7 @@ import numpy as np
 from sqlalchemy import BigInteger, ForeignKey, Integer, String
 from sqlalchemy.orm import Mapped, mapped_column
 
-from server.columns import Float32Array
+from server.columns import Float32Array, Float64
 from server.models import Base
 
 # Block sizes in steps, finest first; each divides the next.
@@ -34,3 +34,23 @@ class LayerRollup(Base):
     vmax: Mapped[np.ndarray] = mapped_column(Float32Array)
     # Counts as float32 (exact up to 2^24, far above any block's size).
     nonfinite: Mapped[np.ndarray] = mapped_column(Float32Array)
+
+
+class SeriesRollup(Base):
+    """The same blocks for the built-in step series (``steps`` columns): one row per series.
+
+    Only steps where the series is reported (not NULL) take part; a block where it never is
+    has no row.
+    """
+
+    __tablename__ = "series_rollups"
+
+    run_pk: Mapped[int] = mapped_column(ForeignKey("runs.pk", ondelete="CASCADE"), primary_key=True)
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    level: Mapped[int] = mapped_column(Integer, primary_key=True)
+    block: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    step_first: Mapped[int] = mapped_column(BigInteger)
+    step_last: Mapped[int] = mapped_column(BigInteger)
+    vmin: Mapped[float] = mapped_column(Float64)
+    vmax: Mapped[float] = mapped_column(Float64)
+    nonfinite: Mapped[int] = mapped_column(Integer)

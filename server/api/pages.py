@@ -8,6 +8,7 @@ has them (``features``), so a collector without them shows a note instead of err
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
@@ -25,6 +26,16 @@ from server.services import dashboard
 from server.services import runs as run_service
 
 router = APIRouter(include_in_schema=False)
+
+
+class FigureJSONResponse(WireJSONResponse):
+    """Figures hold no NaN/Inf (they are gaps): the C encoder, ~10x faster than the wire's."""
+
+    def render(self, content: Any) -> bytes:
+        try:
+            return json.dumps(content, allow_nan=False, separators=(",", ":")).encode()
+        except ValueError:  # a non-finite number slipped through: the wire strings then
+            return super().render(content)
 templates = Jinja2Templates(directory=str(TEMPLATES_DIR))
 
 SERIES_POINTS = 1000  # buckets per line chart
@@ -76,7 +87,7 @@ def run_page(
 def run_figures_json(run_id: str, session: SessionDep) -> Response:
     d = dashboard.run_page(session, run_id, SERIES_POINTS, HEATMAP_POINTS)
     figures = run_figures(d.series, d.lr_groups, d.grad, d.update_ratio)
-    return WireJSONResponse(
+    return FigureJSONResponse(
         {
             "run": d.run.model_dump(
                 mode="json", include={"id", "status", "last_step", "num_steps", "batch_size"}
@@ -88,7 +99,7 @@ def run_figures_json(run_id: str, session: SessionDep) -> Response:
 
 @router.get("/runs/{run_id}/layer.json")
 def layer_json(run_id: str, session: SessionDep, name: str) -> Response:
-    return WireJSONResponse(
+    return FigureJSONResponse(
         layer_figures(name, dashboard.layer_detail(session, run_id, name, SERIES_POINTS))
     )
 
@@ -115,7 +126,7 @@ def compare_page(
 @router.get("/compare/figures.json")
 def compare_json(session: SessionDep, runs: str, names: str = "loss,grad_norm") -> Response:
     wanted = [n.strip() for n in names.split(",") if n.strip()]
-    return WireJSONResponse(
+    return FigureJSONResponse(
         {
             "figures": compare_figures(
                 dashboard.compare(session, _run_list(runs), wanted, SERIES_POINTS)

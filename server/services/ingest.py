@@ -126,7 +126,8 @@ def ingest_steps(
         )
     _upsert(session, Step.__table__, step_rows, ("run_pk", "step"))
     _upsert(session, LayerValues.__table__, layer_rows, ("run_pk", "metric", "step"))
-    rollups.refresh(session, run.pk, layer_rows)  # min/max blocks for fast long reads
+    rollups.refresh_layers(session, run.pk, len(run.layers), layer_rows)  # fast long reads
+    rollups.refresh_series(session, run.pk, step_rows)
     _upsert(session, Scalar.__table__, scalar_rows, ("run_pk", "name", "step"))
 
     last = max(s.step for s in steps)

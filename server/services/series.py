@@ -51,44 +51,93 @@ def _series_values(
     return steps, values
 
 
+def _series_from_rollups(
+    session: Session,
+    run: Run,
+    names: list[str],
+    span: tuple[int, int],
+    bounds: tuple[int | None, int | None],
+    grid: tuple[int, int, int],
+) -> dict[str, Buckets]:
+    """Built-in series from ``series_rollups``: whole blocks inside the range, raw edges.
+
+    Empty when the run has no rollups at that level (the caller then reads the steps).
+    """
+    level, origin, size = grid
+    (first, last), (start, end) = span, bounds
+    b0 = first // level if start is None else -(-start // level)
+    b1 = last // level if end is None else (end + 1) // level - 1
+    blocks = rollups.SeriesStore(run.pk).stored(session, names, level, b0, b1)
+    if not blocks:
+        return {}
+    outside = or_(Step.step < b0 * level, Step.step >= (b1 + 1) * level)
+    edges = rollups.series_raw(
+        session, run.pk, names, and_(Step.step.between(first, last), outside)
+    )
+    out: dict[str, Buckets] = {}
+    empty = rollups.Pieces.empty(1)
+    for name in names:
+        p = blocks.get(name, empty).concat(edges.get(name, empty))
+        _, m = p.group((p.first - origin) // size)
+        out[name] = Buckets(size, m.first, m.last, m.vmin[:, 0], m.vmax[:, 0], m.nonfinite[:, 0])
+    return out
+
+
 def _series_buckets_sql(
-    session: Session, run: Run, name: str, span: tuple[int, int], size: int
-) -> Buckets:
+    session: Session, run: Run, names: list[str], span: tuple[int, int], size: int
+) -> dict[str, Buckets]:
     """``downsample`` done by PostgreSQL: one row per bucket instead of one per step.
 
     Same semantics: min/max ignore NaN (Postgres orders NaN above every number, so it is
-    filtered out; a bucket of NaN only reads NaN), ±Inf take part, non-finite are counted.
+    filtered out; a bucket of NaN only reads NaN), ±Inf take part, non-finite are counted,
+    steps where a series is NULL (not reported) are not part of it. Built-in series are
+    read in one scan of ``steps``; each extra scalar by its own query.
     """
     lo, hi = span
-    if name in STEP_SERIES:
-        raw = getattr(Step, name)
-        step, keys = Step.step, [Step.run_pk == run.pk]
-    else:
-        raw, step, keys = Scalar.value, Scalar.step, [Scalar.run_pk == run.pk, Scalar.name == name]
-    value = cast(raw, Float(53))
     nan, inf = literal(math.nan, Float(53)), literal(math.inf, Float(53))
-    finite_or_inf = value != nan
-    bucket = ((step - lo) // size).label("bucket")
-    rows = session.execute(
-        select(
-            bucket,
-            func.min(step),
-            func.max(step),
-            func.min(value).filter(finite_or_inf),
-            func.max(value).filter(finite_or_inf),
-            func.count().filter(or_(value == nan, value == inf, value == -inf)),
-        )
-        .where(*keys, raw.is_not(None), step >= lo, step <= hi)
-        .group_by(bucket)
-        .order_by(bucket)
-    ).all()
-    n = len(rows)
+    builtin = [n for n in names if n in STEP_SERIES]
+    queries: list[tuple[list[str], Any, list[Any]]] = []
+    if builtin:
+        queries.append((builtin, Step.step, [Step.run_pk == run.pk]))
+    for name in names:
+        if name not in STEP_SERIES:
+            queries.append(([name], Scalar.step, [Scalar.run_pk == run.pk, Scalar.name == name]))
+    out: dict[str, Buckets] = {}
+    for group, step, keys in queries:
+        bucket = ((step - lo) // size).label("bucket")
+        cols: list[Any] = [bucket]
+        for name in group:
+            raw = getattr(Step, name) if name in STEP_SERIES else Scalar.value
+            value = cast(raw, Float(53))
+            present = raw.is_not(None)
+            cols += [
+                func.count(raw),
+                func.min(step).filter(present),
+                func.max(step).filter(present),
+                func.min(value).filter(value != nan),
+                func.max(value).filter(value != nan),
+                func.count().filter(or_(value == nan, value == inf, value == -inf)),
+            ]
+        rows = session.execute(
+            select(*cols).where(*keys, step >= lo, step <= hi).group_by(bucket).order_by(bucket)
+        ).all()
+        for k, name in enumerate(group):
+            base = 1 + 6 * k
+            mine = [r[base : base + 6] for r in rows if r[base]]
+            n = len(mine)
 
-    def col(i: int, dtype: Any) -> np.ndarray:
-        return np.fromiter((math.nan if r[i] is None else r[i] for r in rows), dtype, n)
+            def col(i: int, dtype: Any, mine: list[Any] = mine, n: int = n) -> np.ndarray:
+                return np.fromiter((math.nan if r[i] is None else r[i] for r in mine), dtype, n)
 
-    return Buckets(size, col(1, np.int64), col(2, np.int64), col(3, np.float64),
-                   col(4, np.float64), col(5, np.int64))
+            out[name] = Buckets(
+                size,
+                col(1, np.int64),
+                col(2, np.int64),
+                col(3, np.float64),
+                col(4, np.float64),
+                col(5, np.int64),
+            )
+    return out
 
 
 def _unknown_names(session: Session, run: Run, names: list[str]) -> list[str]:
@@ -119,17 +168,24 @@ def read_series(
             f"run {run_id!r} has no series {unknown}; built-in series are {list(STEP_SERIES)}"
         )
     span = _step_range(session, run, start, end)
+    size = bucket_size(span[0], span[1], max_points) if span else 1
+    unique = list(dict.fromkeys(names))
+    in_sql: dict[str, Buckets] = {}
+    builtin = [n for n in unique if n in STEP_SERIES]
+    grid = _block_grid(span[0], span[1], size, max_points) if span and builtin else None
+    if span and grid:
+        in_sql = _series_from_rollups(session, run, builtin, span, (start, end), grid)
+    rest = [n for n in unique if n not in in_sql]
+    if span and rest and size > 1 and session.get_bind().dialect.name == "postgresql":
+        in_sql.update(_series_buckets_sql(session, run, rest, span, size))
     out = []
     for name in names:
+        if name in in_sql:
+            out.append(SeriesOut(name=name, **_lists(in_sql[name])))
+            continue
         if span is None:
             steps, values = np.empty(0, np.int64), np.empty(0)
-            size = 1
         else:
-            size = bucket_size(span[0], span[1], max_points)
-            if size > 1 and session.get_bind().dialect.name == "postgresql":
-                b = _series_buckets_sql(session, run, name, span, size)
-                out.append(SeriesOut(name=name, **_lists(b)))
-                continue
             steps, values = _series_values(session, run, name, *span)
         origin = span[0] if span else 0
         b = downsample(steps, values, origin, size)
@@ -185,6 +241,22 @@ def read_layers(
     return LayersResponse(run=run_id, metric=metric, layers=layers, **lists)
 
 
+def _block_grid(first: int, last: int, needed: int, max_points: int) -> tuple[int, int, int] | None:
+    """(level, origin, bucket size) of the coarsest rollup level whose whole-block buckets
+    keep at most ``max_points`` buckets without going past twice the needed bucket size;
+    None when even the finest level's blocks are longer than a bucket."""
+    for level in reversed(ROLLUP_LEVELS):
+        if level > 2 * needed:
+            continue
+        size = -(-needed // level) * level
+        origin = first // level * level
+        while (last - origin) // size + 1 > max_points:
+            size += level
+        if size <= 2 * needed:
+            return level, origin, size
+    return None
+
+
 def _layer_pieces(
     session: Session,
     run: Run,
@@ -198,21 +270,19 @@ def _layer_pieces(
     first, last = span
     width = len(run.layers)
     needed = bucket_size(first, last, max_points)
-    level = max((lv for lv in ROLLUP_LEVELS if lv <= needed), default=None)
-    if level is None:
-        return rollups.raw_pieces(session, where, width), first, needed
-    size = -(-needed // level) * level
-    origin = first // level * level
-    while (last - origin) // size + 1 > max_points:
-        size += level
+    grid = _block_grid(first, last, needed, max_points)
+    if grid is None:
+        return rollups.layer_raw(session, where, width), first, needed
+    level, origin, size = grid
     start, end = bounds
     b0 = first // level if start is None else -(-start // level)
     b1 = last // level if end is None else (end + 1) // level - 1
-    blocks = rollups.stored_pieces(session, run.pk, metric, level, b0, b1, width)
+    stored = rollups.LayerStore(run.pk, width).stored(session, [metric], level, b0, b1)
+    blocks = stored.get(metric, rollups.Pieces.empty(width))
     if not len(blocks):  # nothing whole inside the range: the steps themselves are few
-        return rollups.raw_pieces(session, where, width), origin, size
+        return rollups.layer_raw(session, where, width), origin, size
     outside = or_(LayerValues.step < b0 * level, LayerValues.step >= (b1 + 1) * level)
-    edges = rollups.raw_pieces(session, and_(where, outside), width)
+    edges = rollups.layer_raw(session, and_(where, outside), width)
     return blocks.concat(edges), origin, size
 
 

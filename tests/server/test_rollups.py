@@ -7,21 +7,27 @@ import math
 import httpx
 import numpy as np
 import pytest
-from sqlalchemy import create_engine, select
+from sqlalchemy import create_engine, delete, select
 from sqlalchemy.orm import Session
 
 from server.models import Run
-from server.models_rollups import LayerRollup
-from server.services.rollups import rebuild
+from server.models_rollups import LayerRollup, SeriesRollup
+from server.services.rollups import rebuild, rebuild_series
 from tests.conftest import Collector
 from tests.factories import create_run, post_steps
 
 LAYERS = ["a", "b", "c"]
 
 
+def _loss(v: np.ndarray) -> float | None:
+    """The loss sent with a step, from its layer values; None (not reported) at times."""
+    x = float(v[0]) * 3 + float(v[2])
+    return None if math.isfinite(x) and int(abs(x) * 1000) % 11 == 0 else x
+
+
 def _steps(values: dict[int, np.ndarray]) -> list[dict[str, object]]:
     return [
-        {"step": s, "loss": 1.0, "grad_norm": 1.0, "layer_grad_norms": [float(x) for x in v]}
+        {"step": s, "loss": _loss(v), "grad_norm": 1.0, "layer_grad_norms": [float(x) for x in v]}
         for s, v in sorted(values.items())
     ]
 
@@ -117,34 +123,86 @@ def test_layer_buckets_match_brute_force(
         assert _num(got["max"][1][k]) >= 1e6  # the spike survives in its bucket
 
 
+@pytest.mark.parametrize(
+    ("start", "end", "points"),
+    [
+        (None, None, 50),
+        (17, 8999, 60),
+        (100, 3333, 25),
+        (5000, 5100, 1000),
+        (123, None, 40),
+    ],
+)
+def test_series_buckets_match_brute_force(
+    api: httpx.Client,
+    stored: tuple[str, dict[int, np.ndarray]],
+    start: int | None,
+    end: int | None,
+    points: int,
+) -> None:
+    run_id, truth = stored
+    loss = {s: _loss(v) for s, v in truth.items()}
+    loss = {s: v for s, v in loss.items() if v is not None}
+    params: dict[str, object] = {"names": "loss", "max_points": points}
+    if start is not None:
+        params["start"] = start
+    if end is not None:
+        params["end"] = end
+    got = api.get(f"/api/v1/runs/{run_id}/series", params=params).json()["series"][0]
+    lo, hi = start or 0, end if end is not None else max(truth)
+    in_range = [s for s in sorted(loss) if lo <= s <= hi]
+    assert 0 < len(got["step"]) <= points
+    covered = 0
+    for i, (a, b) in enumerate(zip(got["step"], got["step_end"], strict=True)):
+        sel = np.array([loss[s] for s in in_range if a <= s <= b])
+        assert sel.size and a in loss and b in loss
+        covered += sel.size
+        with np.errstate(invalid="ignore"):
+            want = (float(np.fmin.reduce(sel)), float(np.fmax.reduce(sel)))
+        assert _same([_num(got["min"][i]), _num(got["max"][i])], list(want))
+        assert got["nonfinite"][i] == int((~np.isfinite(sel)).sum())
+    assert covered == len(in_range)
+
+
 def test_incremental_rollups_equal_a_rebuild(
     collector: Collector, stored: tuple[str, dict[int, np.ndarray]]
 ) -> None:
+    """What ingest maintained batch by batch equals a rebuild from the stored steps."""
     run_id, _ = stored
     engine = create_engine(collector.settings.database_url)
 
-    def snapshot(session: Session, pk: int) -> dict[tuple[int, int], tuple]:
-        rows = session.scalars(select(LayerRollup).where(LayerRollup.run_pk == pk)).all()
-        return {
-            (r.level, r.block): (
+    def snapshot(session: Session, pk: int) -> dict[tuple[str, int, int], tuple[object, ...]]:
+        out: dict[tuple[str, int, int], tuple[object, ...]] = {}
+        for r in session.scalars(select(LayerRollup).where(LayerRollup.run_pk == pk)):
+            out[(f"layer:{r.metric}", r.level, r.block)] = (
                 r.step_first,
                 r.step_last,
                 r.vmin.tobytes(),
                 r.vmax.tobytes(),
                 r.nonfinite.tobytes(),
             )
-            for r in rows
-        }
+        for q in session.scalars(select(SeriesRollup).where(SeriesRollup.run_pk == pk)):
+            out[(f"series:{q.name}", q.level, q.block)] = (
+                q.step_first,
+                q.step_last,
+                repr(q.vmin),
+                repr(q.vmax),
+                q.nonfinite,
+            )
+        return out
 
     with Session(engine) as session:
         pk = session.scalar(select(Run.pk).where(Run.id == run_id))
         assert pk is not None
         incremental = snapshot(session, pk)
-        session.query(LayerRollup).filter(LayerRollup.run_pk == pk).delete()
+        session.execute(delete(LayerRollup).where(LayerRollup.run_pk == pk))
+        session.execute(delete(SeriesRollup).where(SeriesRollup.run_pk == pk))
         rebuild(session, pk, "grad_norm")
+        rebuild_series(session, pk)
         session.flush()
         rebuilt = snapshot(session, pk)
         session.rollback()
     engine.dispose()
-    assert incremental.keys() == rebuilt.keys() and len(rebuilt) > 100
+    assert {k[0] for k in rebuilt} == {"layer:grad_norm", "series:grad_norm", "series:loss"}
+    assert incremental.keys() == rebuilt.keys() and len(rebuilt) > 200
     assert incremental == rebuilt
