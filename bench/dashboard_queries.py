@@ -5,14 +5,15 @@ with COPY into a fresh database migrated to head: the ``steps`` table (loss, gra
 non-finite count), ``layer_values`` rows of ``grad_norm`` every step and ``update_ratio``
 every 10 steps (as ``param_every=10`` sends), lognormal values with a few NaN/Inf, and ONE
 spike (1e6) in one layer at one step. The rollups are then built with
-``server.services.rollups.rebuild`` (timed and reported; on a live collector they are
-written on ingest).
+``server.services.rollups.rebuild``/``rebuild_series`` (timed and reported; on a live
+collector they are written on ingest).
 
 Measured, interleaved, in the same process:
 
 * ``new``: ``server.services.dashboard.run_page`` -- everything the run page's data route
   reads (4 series at 1,000 points, grad-norm and update-ratio matrices at 400 points) --
-  plus building the figures and the JSON body (``/runs/{id}/figures.json`` minus HTTP).
+  plus building the figures and the JSON body (``/runs/{id}/figures.json`` minus HTTP),
+  reading ``layer_rollups`` and ``series_rollups``.
 * ``baseline``: the same data read the way the collector read it before rollups: every row
   in range fetched and bucketed in numpy (``downsample``), for the same series and matrices.
 
@@ -27,7 +28,6 @@ each and the ratio baseline/new. Usage::
 from __future__ import annotations
 
 import argparse
-import io
 import math
 import os
 import statistics
@@ -44,6 +44,7 @@ from sqlalchemy.orm import Session
 
 from client_hooks.wire import dumps
 from dashboards.views import run_figures
+from server.api.pages import FigureJSONResponse
 from server.db import make_engine
 from server.migrate import upgrade
 from server.models import LayerValues, Run, Step
@@ -76,11 +77,13 @@ def load(url: str, steps: int, layers: int, spike: tuple[int, int]) -> str:
         total = np.sqrt(np.nansum(np.where(np.isfinite(grad), grad, 0) ** 2, axis=1))
         bad = (~np.isfinite(grad)).sum(axis=1)
         with conn.cursor() as cur:
-            with cur.copy("COPY steps (run_pk, step, loss, lr, grad_norm, nonfinite)"
-                          " FROM STDIN") as copy:
+            with cur.copy(
+                "COPY steps (run_pk, step, loss, lr, grad_norm, nonfinite) FROM STDIN"
+            ) as copy:
                 for i in range(steps):
-                    copy.write_row((pk, i, 3.0 / math.sqrt(1 + i), 1e-3, float(total[i]),
-                                    int(bad[i])))
+                    copy.write_row(
+                        (pk, i, 3.0 / math.sqrt(1 + i), 1e-3, float(total[i]), int(bad[i]))
+                    )
             with cur.copy("COPY layer_values (run_pk, metric, step, values) FROM STDIN") as copy:
                 for i in range(steps):
                     copy.write_row((pk, "grad_norm", i, grad[i].tobytes()))
@@ -98,27 +101,32 @@ def baseline(session: Session, run_id: str, points: int, heat: int) -> dict[str,
     out: dict[str, Any] = {}
     for name in dashboard.RUN_SERIES:
         col = getattr(Step, name)
-        rows = session.execute(select(Step.step, col).where(Step.run_pk == run.pk,
-                                                          col.is_not(None))).all()
+        rows = session.execute(
+            select(Step.step, col).where(Step.run_pk == run.pk, col.is_not(None))
+        ).all()
         steps = np.fromiter((r[0] for r in rows), np.int64, len(rows))
         values = np.fromiter((r[1] for r in rows), np.float64, len(rows))
-        out[name] = downsample(steps, values, int(steps[0]),
-                               bucket_size(int(steps[0]), int(steps[-1]), points))
+        out[name] = downsample(
+            steps, values, int(steps[0]), bucket_size(int(steps[0]), int(steps[-1]), points)
+        )
     for metric in ("grad_norm", "update_ratio"):
-        rows = session.execute(select(LayerValues.step, LayerValues.values).where(
-            LayerValues.run_pk == run.pk, LayerValues.metric == metric
-        ).order_by(LayerValues.step)).all()
+        rows = session.execute(
+            select(LayerValues.step, LayerValues.values)
+            .where(LayerValues.run_pk == run.pk, LayerValues.metric == metric)
+            .order_by(LayerValues.step)
+        ).all()
         steps = np.fromiter((r[0] for r in rows), np.int64, len(rows))
         matrix = np.stack([r[1] for r in rows]).astype(np.float64)
-        out[metric] = downsample(steps, matrix, int(steps[0]),
-                                 bucket_size(int(steps[0]), int(steps[-1]), heat))
+        out[metric] = downsample(
+            steps, matrix, int(steps[0]), bucket_size(int(steps[0]), int(steps[-1]), heat)
+        )
     return out
 
 
 def new(session: Session, run_id: str, points: int, heat: int) -> bytes:
     d = dashboard.run_page(session, run_id, points, heat)
     figures = run_figures(d.series, d.lr_groups, d.grad, d.update_ratio)
-    body = dumps({"figures": figures})
+    body = FigureJSONResponse({"figures": figures}).body
     new.last = d  # type: ignore[attr-defined]
     return body
 
@@ -151,8 +159,9 @@ def main() -> int:
         spike = (args.steps * 7 // 10 + 3, args.layers // 3)
         t0 = time.perf_counter()
         run_id = load(url, args.steps, args.layers, spike)
-        print(f"loaded {args.steps} steps x {args.layers} layers in "
-              f"{time.perf_counter() - t0:.1f} s")
+        print(
+            f"loaded {args.steps} steps x {args.layers} layers in {time.perf_counter() - t0:.1f} s"
+        )
         engine = make_engine(settings.database_url)
         with Session(engine) as s:
             pk = s.scalar(select(Run.pk).where(Run.id == run_id))
@@ -160,16 +169,23 @@ def main() -> int:
             t0 = time.perf_counter()
             for metric in ("grad_norm", "update_ratio"):
                 rollups.rebuild(s, pk, metric)
+            rollups.rebuild_series(s, pk)
             s.commit()
-            print(f"rollups rebuilt in {time.perf_counter() - t0:.1f} s "
-                  f"(written on ingest on a live collector)")
+            print(
+                f"rollups rebuilt in {time.perf_counter() - t0:.1f} s "
+                f"(written on ingest on a live collector)"
+            )
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute("VACUUM ANALYZE")
-            size = conn.execute("SELECT pg_total_relation_size('layer_rollups'),"
-                                " pg_total_relation_size('layer_values')").fetchone()
+            size = conn.execute(
+                "SELECT pg_total_relation_size('layer_rollups'),"
+                " pg_total_relation_size('layer_values')"
+            ).fetchone()
             assert size is not None
-            print(f"layer_rollups {size[0] / 2**20:.0f} MiB vs layer_values "
-                  f"{size[1] / 2**20:.0f} MiB ({size[0] / size[1]:.2f}x)")
+            print(
+                f"layer_rollups {size[0] / 2**20:.0f} MiB vs layer_values "
+                f"{size[1] / 2**20:.0f} MiB ({size[0] / size[1]:.2f}x)"
+            )
 
         points, heat = 1000, 400
         t_new: list[float] = []
@@ -183,30 +199,46 @@ def main() -> int:
             assert row[k] == 1e6 and d.grad.step[k] <= spike[0], "spike lost (rollups)"
             assert float(np.nanmax(b["grad_norm"].max[:, spike[1]])) == 1e6, "spike lost"
             assert len(d.grad.step) <= heat and len(d.series["grad_norm"].step) <= points
-            print(f"buckets: heatmap {len(d.grad.step)} x {len(d.grad.layers)} "
-                  f"(bucket {d.grad.bucket_size} steps; baseline {b['grad_norm'].size}), "
-                  f"series {len(d.series['loss'].step)}; spike kept in both")
+            print(
+                f"buckets: heatmap {len(d.grad.step)} x {len(d.grad.layers)} "
+                f"(bucket {d.grad.bucket_size} steps; baseline {b['grad_norm'].size}), "
+                f"series {len(d.series['loss'].step)}; spike kept in both"
+            )
             s.rollback()
             for i in range(args.reps):
                 t_new.append(timed(lambda: new(s, run_id, points, heat)))
                 s.rollback()
-                if i % max(1, args.reps // args.baseline_reps) == 0 and \
-                        len(t_base) < args.baseline_reps:
+                if (
+                    i % max(1, args.reps // args.baseline_reps) == 0
+                    and len(t_base) < args.baseline_reps
+                ):
                     t_base.append(timed(lambda: baseline(s, run_id, points, heat)))
                     s.rollback()
             # The run page's series alone, through the API's read path.
-            t_series = [timed(lambda: series.read_series(
-                s, run_id, list(dashboard.RUN_SERIES), None, None, points)) for _ in range(10)]
+            t_series = [
+                timed(
+                    lambda: series.read_series(
+                        s, run_id, list(dashboard.RUN_SERIES), None, None, points
+                    )
+                )
+                for _ in range(10)
+            ]
         engine.dispose()
-        print(f"run-page data, new (rollups + SQL buckets, figures and JSON included): "
-              f"p50 {statistics.median(t_new) * 1e3:.0f} ms, p95 {p95(t_new) * 1e3:.0f} ms "
-              f"over {len(t_new)}")
-        print(f"run-page data, baseline (read every row, bucket in numpy, no figures): "
-              f"p50 {statistics.median(t_base) * 1e3:.0f} ms, p95 {p95(t_base) * 1e3:.0f} ms "
-              f"over {len(t_base)}")
+        print(
+            f"run-page data, new (rollups + SQL buckets, figures and JSON included): "
+            f"p50 {statistics.median(t_new) * 1e3:.0f} ms, p95 {p95(t_new) * 1e3:.0f} ms "
+            f"over {len(t_new)}"
+        )
+        print(
+            f"run-page data, baseline (read every row, bucket in numpy, no figures): "
+            f"p50 {statistics.median(t_base) * 1e3:.0f} ms, p95 {p95(t_base) * 1e3:.0f} ms "
+            f"over {len(t_base)}"
+        )
         print(f"  of which the 4 series (SQL buckets): p95 {p95(t_series) * 1e3:.0f} ms")
-        print(f"ratio baseline/new: p50 {statistics.median(t_base) / statistics.median(t_new):.1f}x,"
-              f" p95 {p95(t_base) / p95(t_new):.1f}x")
+        print(
+            f"ratio baseline/new: p50 {statistics.median(t_base) / statistics.median(t_new):.1f}x,"
+            f" p95 {p95(t_base) / p95(t_new):.1f}x"
+        )
         print(f"target p95 <= 300 ms: {'met' if p95(t_new) <= 0.3 else 'MISSED'}")
     finally:
         with psycopg.connect(ADMIN, autocommit=True) as admin:

@@ -80,11 +80,14 @@ def test_heatmap_has_one_row_per_layer_and_a_click_shows_that_layer(
     p.goto(f"{pg_collector.url}/runs/{run_id}")
     p.wait_for_function(DRAWN, arg="heatmap", timeout=15_000)
     heat = p.evaluate(
-        "() => { const d = document.getElementById('heatmap').data[0];"
-        " return {y: d.y, rows: d.z.length, cols: d.z[0].length, x: d.x}; }"
+        "() => { const gd = document.getElementById('heatmap'), d = gd.data[0];"
+        " const z = gd.calcdata[0][0].z;"  # the grid plotly drew
+        " return {y: d.y, rows: z.length, cols: z[0].length, x: d.x,"
+        " finite: z.flat().filter(Number.isFinite).length}; }"
     )
     assert heat["y"] == layers  # model order, one row each
     assert heat["rows"] == len(layers) and heat["cols"] == len(heat["x"]) == 25
+    assert heat["finite"] > 0.9 * len(layers) * 25  # log colours, not blanks
 
     target = layers[len(layers) // 2]
     # A real mouse click on the middle of that row, at the middle step.
