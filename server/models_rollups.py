@@ -18,7 +18,7 @@ from server.columns import Float32Array, Float64
 from server.models import Base
 
 # Block sizes in steps, finest first; each divides the next.
-ROLLUP_LEVELS = (16, 64, 256, 1024, 4096)
+ROLLUP_LEVELS = (64, 256, 1024, 4096)
 
 
 class LayerRollup(Base):
