@@ -11,7 +11,7 @@ collector they are written on ingest).
 Measured, interleaved, in the same process:
 
 * ``new``: ``server.services.dashboard.run_page`` -- everything the run page's data route
-  reads (4 series at 1,000 points, grad-norm and update-ratio matrices at 400 points) --
+  reads (4 series at 600 points, grad-norm and update-ratio matrices at 400 points) --
   plus building the figures and the JSON body (``/runs/{id}/figures.json`` minus HTTP),
   reading ``layer_rollups`` and ``series_rollups``.
 * ``baseline``: the same data read the way the collector read it before rollups: every row
@@ -44,7 +44,7 @@ from sqlalchemy.orm import Session
 
 from client_hooks.wire import dumps
 from dashboards.views import run_figures
-from server.api.pages import FigureJSONResponse
+from server.api.pages import HEATMAP_POINTS, SERIES_POINTS, FigureJSONResponse
 from server.db import make_engine
 from server.migrate import upgrade
 from server.models import LayerValues, Run, Step
@@ -187,7 +187,7 @@ def main() -> int:
                 f"{size[1] / 2**20:.0f} MiB ({size[0] / size[1]:.2f}x)"
             )
 
-        points, heat = 1000, 400
+        points, heat = SERIES_POINTS, HEATMAP_POINTS
         t_new: list[float] = []
         t_base: list[float] = []
         with Session(engine) as s:
@@ -225,7 +225,7 @@ def main() -> int:
             ]
         engine.dispose()
         print(
-            f"run-page data, new (rollups + SQL buckets, figures and JSON included): "
+            f"run-page data, new (rollups; figures and JSON included): "
             f"p50 {statistics.median(t_new) * 1e3:.0f} ms, p95 {p95(t_new) * 1e3:.0f} ms "
             f"over {len(t_new)}"
         )
@@ -234,7 +234,7 @@ def main() -> int:
             f"p50 {statistics.median(t_base) * 1e3:.0f} ms, p95 {p95(t_base) * 1e3:.0f} ms "
             f"over {len(t_base)}"
         )
-        print(f"  of which the 4 series (SQL buckets): p95 {p95(t_series) * 1e3:.0f} ms")
+        print(f"  of which the 4 series (series_rollups): p95 {p95(t_series) * 1e3:.0f} ms")
         print(
             f"ratio baseline/new: p50 {statistics.median(t_base) / statistics.median(t_new):.1f}x,"
             f" p95 {p95(t_base) / p95(t_new):.1f}x"

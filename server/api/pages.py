@@ -38,7 +38,7 @@ class FigureJSONResponse(WireJSONResponse):
             return super().render(content)
 templates = Jinja2Templates(directory=str(TEMPLATES_DIR))
 
-SERIES_POINTS = 1000  # buckets per line chart
+SERIES_POINTS = 600  # buckets per line chart (~1 per pixel of a half-width chart)
 HEATMAP_POINTS = 400  # buckets per heatmap row
 STALE_AFTER_S = 600.0
 COMPARE_SERIES = ["loss", "grad_norm"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import groupby
 from typing import Any, Protocol
 
 import numpy as np
@@ -144,14 +145,18 @@ class LayerStore:
         )
         if skip is not None:
             where = and_(where, not_(t.block.between(*skip)))
-        rows = session.execute(
-            select(t.metric, t.step_first, t.step_last, t.vmin, t.vmax, t.nonfinite)
-            .where(where)
-            .order_by(t.metric, t.block)
-        ).all()
+        rows = (
+            session.connection()
+            .execute(
+                select(t.metric, t.step_first, t.step_last, t.vmin, t.vmax, t.nonfinite)
+                .where(where)
+                .order_by(t.metric, t.block)
+            )
+            .all()
+        )
         out: Keyed = {}
-        for key in keys:
-            mine = [r for r in rows if r[0] == key]
+        for key, group in groupby(rows, key=lambda r: str(r[0])):
+            mine = list(group)
             if mine:
                 out[key] = Pieces(
                     np.fromiter((r[1] for r in mine), np.int64, len(mine)),
@@ -222,14 +227,18 @@ class SeriesStore:
         )
         if skip is not None:
             where = and_(where, not_(t.block.between(*skip)))
-        rows = session.execute(
-            select(t.name, t.step_first, t.step_last, t.vmin, t.vmax, t.nonfinite)
-            .where(where)
-            .order_by(t.name, t.block)
-        ).all()
+        rows = (
+            session.connection()
+            .execute(
+                select(t.name, t.step_first, t.step_last, t.vmin, t.vmax, t.nonfinite)
+                .where(where)
+                .order_by(t.name, t.block)
+            )
+            .all()
+        )
         out: Keyed = {}
-        for key in keys:
-            mine = [r for r in rows if r[0] == key]
+        for key, group in groupby(rows, key=lambda r: str(r[0])):
+            mine = list(group)
             if mine:
                 n = len(mine)
                 out[key] = Pieces(

@@ -71,9 +71,11 @@ def _series_from_rollups(
     if not blocks:
         return {}
     outside = or_(Step.step < b0 * level, Step.step >= (b1 + 1) * level)
-    edges = rollups.series_raw(
-        session, run.pk, names, and_(Step.step.between(first, last), outside)
-    )
+    edges: rollups.Keyed = {}
+    if first < b0 * level or last >= (b1 + 1) * level:
+        edges = rollups.series_raw(
+            session, run.pk, names, and_(Step.step.between(first, last), outside)
+        )
     out: dict[str, Buckets] = {}
     empty = rollups.Pieces.empty(1)
     for name in names:
@@ -281,6 +283,8 @@ def _layer_pieces(
     blocks = stored.get(metric, rollups.Pieces.empty(width))
     if not len(blocks):  # nothing whole inside the range: the steps themselves are few
         return rollups.layer_raw(session, where, width), origin, size
+    if first >= b0 * level and last < (b1 + 1) * level:
+        return blocks, origin, size  # no partial blocks at the edges
     outside = or_(LayerValues.step < b0 * level, LayerValues.step >= (b1 + 1) * level)
     edges = rollups.layer_raw(session, and_(where, outside), width)
     return blocks.concat(edges), origin, size
