@@ -26,22 +26,44 @@ MAX_HEATMAP_PX = 1400
 
 
 class Series(Protocol):
-    name: str
-    step: list[int]
-    step_end: list[int]
-    min: list[float]
-    max: list[float]
-    nonfinite: list[int]
+    """A bucketed series (``server.schemas.SeriesOut``): lists or numpy arrays."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def step(self) -> Any: ...
+    @property
+    def step_end(self) -> Any: ...
+    @property
+    def min(self) -> Any: ...
+    @property
+    def max(self) -> Any: ...
+    @property
+    def nonfinite(self) -> Any: ...
 
 
 class Matrix(Protocol):
-    metric: str
-    layers: list[str]
-    step: list[int]
-    step_end: list[int]
-    min: list[list[float]]
-    max: list[list[float]]
-    nonfinite: list[list[int]]
+    """A layer × bucket matrix (``LayersResponse`` or numpy ``LayerMatrix``); rows = layers."""
+
+    @property
+    def metric(self) -> str: ...
+    @property
+    def layers(self) -> list[str]: ...
+    @property
+    def step(self) -> Any: ...
+    @property
+    def step_end(self) -> Any: ...
+    @property
+    def min(self) -> Any: ...
+    @property
+    def max(self) -> Any: ...
+    @property
+    def nonfinite(self) -> Any: ...
+
+
+def as_list(values: Any) -> list[Any]:
+    """A JSON-ready list (numpy integers are not JSON numbers)."""
+    return values.tolist() if isinstance(values, np.ndarray) else list(values)
 
 
 def finite_or_none(v: float) -> float | None:
@@ -101,7 +123,7 @@ def envelope_traces(s: Series, label: str, colour: str, *, log_y: bool = False) 
         {
             "type": "scatter",
             "mode": "lines",
-            "x": s.step,
+            "x": as_list(s.step),
             "y": lo,
             "name": f"{label} min",
             "line": {"width": 0.5, "color": colour},
@@ -112,14 +134,14 @@ def envelope_traces(s: Series, label: str, colour: str, *, log_y: bool = False) 
         {
             "type": "scatter",
             "mode": "lines",
-            "x": s.step,
+            "x": as_list(s.step),
             "y": hi,
             "name": label,
             "line": {"width": 1.2, "color": colour},
             "fill": "tonexty",
             "legendgroup": group,
             "fillcolor": colour + "40",
-            "customdata": s.step_end,
+            "customdata": as_list(s.step_end),
             "hovertemplate": f"{label}<br>steps %{{x}}–%{{customdata}}<br>max %{{y:.4g}}"
             "<extra></extra>",
         },
@@ -151,11 +173,11 @@ def nonfinite_figure(s: Series, layers: Matrix | None) -> Figure:
     data: list[Any] = [
         {
             "type": "bar",
-            "x": s.step,
+            "x": as_list(s.step),
             "y": counts,
             "name": "non-finite values",
             "marker": {"color": NONFINITE_COLOUR},
-            "customdata": s.step_end,
+            "customdata": as_list(s.step_end),
             "hovertemplate": "steps %{x}–%{customdata}<br>%{y} non-finite<extra></extra>",
         }
     ]
@@ -184,8 +206,8 @@ def heatmap_figure(m: Matrix, title: str, colour_title: str) -> Figure:
         {
             "type": "heatmap",
             "z": z,
-            "x": m.step,
-            "y": m.layers,
+            "x": as_list(m.step),
+            "y": list(m.layers),
             "colorscale": "Viridis",
             "zmin": lo,
             "zmax": hi if hi > lo else lo + 1,
@@ -198,12 +220,9 @@ def heatmap_figure(m: Matrix, title: str, colour_title: str) -> Figure:
             "hovertemplate": "%{y}<br>step %{x}<br>max 10^%{z:.2f}<extra></extra>",
         }
     ]
-    bad_x, bad_y = [], []
-    for name, row in zip(m.layers, m.nonfinite, strict=True):
-        for step, n in zip(m.step, row, strict=True):
-            if n:
-                bad_x.append(step)
-                bad_y.append(name)
+    rows_bad, cols_bad = np.nonzero(np.asarray(m.nonfinite).reshape(len(m.layers), -1))
+    bad_x = np.asarray(m.step)[cols_bad].tolist()
+    bad_y = np.asarray(m.layers, dtype=object)[rows_bad].tolist()
     if bad_x:
         data.append(
             {
@@ -247,11 +266,11 @@ class _Row:
         self,
         *,
         name: str,
-        step: list[int],
-        step_end: list[int],
-        min: list[float],
-        max: list[float],
-        nonfinite: list[int],
+        step: Any,
+        step_end: Any,
+        min: Any,
+        max: Any,
+        nonfinite: Any,
     ) -> None:
         self.name, self.step, self.step_end = name, step, step_end
         self.min, self.max, self.nonfinite = min, max, nonfinite
@@ -261,7 +280,7 @@ def layer_figure(layer: str, matrices: Sequence[Matrix]) -> Figure:
     """Drill-down: one layer's series of each per-layer metric (grad norm, update ratio…)."""
     data: list[Any] = []
     for i, m in enumerate(matrices):
-        if not m.step:
+        if not len(m.step):
             continue
         row = row_of(m, m.layers.index(layer), m.metric)
         traces = envelope_traces(row, m.metric, PALETTE[i % len(PALETTE)], log_y=True)

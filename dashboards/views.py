@@ -26,22 +26,24 @@ def run_figures(
 
     A panel without data is ``None`` (the page shows a note instead of an empty chart).
     """
-    lr = [series["lr"], *lr_groups] if series["lr"].step else list(lr_groups)
+    lr = [series["lr"], *lr_groups] if len(series["lr"].step) else list(lr_groups)
     return {
         "loss": envelope_figure(series["loss"], "loss (min–max per bucket)"),
         "grad_norm": envelope_figure(
             series["grad_norm"], "total gradient norm, pre-clip (min–max per bucket)", log_y=True
         ),
         "heatmap": heatmap_figure(grad, "per-layer gradient norm (bucket max) · click a row", "|g|")
-        if grad.step
+        if len(grad.step)
         else None,
         "update_ratio": heatmap_figure(
             update_ratio, "update-to-weight ratio |Δw|/|w| per layer", "|Δw|/|w|"
         )
-        if update_ratio.step
+        if len(update_ratio.step)
         else None,
         "nonfinite": nonfinite_figure(series["nonfinite"], None),
-        "lr": lines_figure(lr, "learning rate", log_y=True) if any(s.step for s in lr) else None,
+        "lr": lines_figure(lr, "learning rate", log_y=True)
+        if any(len(s.step) for s in lr)
+        else None,
     }
 
 

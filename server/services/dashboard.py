@@ -10,8 +10,9 @@ from sqlalchemy.orm import Session
 
 from server import errors
 from server.models import Run, Step, utcnow
-from server.schemas import LayersResponse, RunOut, SeriesOut
+from server.schemas import RunOut, SeriesOut
 from server.services import runs, series
+from server.services.series import LayerMatrix
 
 RUN_SERIES = ("loss", "grad_norm", "lr", "nonfinite")
 
@@ -30,8 +31,8 @@ class RunPageData:
     run: RunOut
     series: dict[str, SeriesOut]
     lr_groups: list[SeriesOut]
-    grad: LayersResponse
-    update_ratio: LayersResponse
+    grad: LayerMatrix
+    update_ratio: LayerMatrix
 
 
 def run_rows(
@@ -73,8 +74,8 @@ def run_page(session: Session, run_id: str, max_points: int, heat_points: int) -
     )
     got = series.read_series(session, run_id, [*RUN_SERIES, *groups], None, None, max_points)
     by_name = {s.name: s for s in got.series}
-    grad = series.read_layers(session, run_id, "grad_norm", None, None, None, heat_points)
-    ratio = series.read_layers(session, run_id, "update_ratio", None, None, None, heat_points)
+    grad = series.layer_matrix(session, run_id, "grad_norm", None, None, None, heat_points)
+    ratio = series.layer_matrix(session, run_id, "update_ratio", None, None, None, heat_points)
     return RunPageData(
         run=run,
         series={n: by_name[n] for n in RUN_SERIES},
@@ -84,12 +85,10 @@ def run_page(session: Session, run_id: str, max_points: int, heat_points: int) -
     )
 
 
-def layer_detail(
-    session: Session, run_id: str, layer: str, max_points: int
-) -> list[LayersResponse]:
+def layer_detail(session: Session, run_id: str, layer: str, max_points: int) -> list[LayerMatrix]:
     """One layer's grad norm and update-to-weight ratio (drill-down from the heatmap)."""
     return [
-        series.read_layers(session, run_id, metric, [layer], None, None, max_points)
+        series.layer_matrix(session, run_id, metric, [layer], None, None, max_points)
         for metric in ("grad_norm", "update_ratio")
     ]
 

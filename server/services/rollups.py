@@ -70,6 +70,8 @@ class Pieces:
 
     def columns(self, cols: Sequence[int]) -> Pieces:
         idx = list(cols)
+        if idx == list(range(self.vmin.shape[1])):
+            return self
         return Pieces(
             self.first, self.last, self.vmin[:, idx], self.vmax[:, idx], self.nonfinite[:, idx]
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -195,6 +196,21 @@ def read_series(
     return SeriesResponse(run=run_id, series=out)
 
 
+@dataclass(frozen=True)
+class LayerMatrix:
+    """``LayersResponse`` as numpy: rows of ``min``/``max``/``nonfinite`` are layers."""
+
+    run: str
+    metric: str
+    layers: list[str]
+    bucket_size: int
+    step: np.ndarray
+    step_end: np.ndarray
+    min: np.ndarray
+    max: np.ndarray
+    nonfinite: np.ndarray
+
+
 def read_layers(
     session: Session,
     run_id: str,
@@ -204,6 +220,30 @@ def read_layers(
     end: int | None,
     max_points: int,
 ) -> LayersResponse:
+    """The layer × step matrix of ``metric``, bucketed along steps (min/max kept)."""
+    m = layer_matrix(session, run_id, metric, layers, start, end, max_points)
+    return LayersResponse(
+        run=m.run,
+        metric=m.metric,
+        layers=m.layers,
+        bucket_size=m.bucket_size,
+        step=m.step.tolist(),
+        step_end=m.step_end.tolist(),
+        min=m.min.tolist(),
+        max=m.max.tolist(),
+        nonfinite=m.nonfinite.tolist(),
+    )
+
+
+def layer_matrix(
+    session: Session,
+    run_id: str,
+    metric: str,
+    layers: list[str] | None,
+    start: int | None,
+    end: int | None,
+    max_points: int,
+) -> LayerMatrix:
     """The layer × step matrix of ``metric``, bucketed along steps (min/max kept).
 
     Long ranges read whole blocks from ``layer_rollups`` (buckets are then a whole number
@@ -235,12 +275,10 @@ def read_layers(
         pieces, origin, size = _layer_pieces(
             session, run, metric, where, (int(first), int(last)), (start, end), max_points
         )
-    _, merged = pieces.columns(cols).group((pieces.first - origin) // size)
-    b = Buckets(size, merged.first, merged.last, merged.vmin, merged.vmax, merged.nonfinite)
-    lists = _lists(b)
-    for key in ("min", "max", "nonfinite"):  # rows = layers, as a heatmap wants them
-        lists[key] = getattr(b, key).T.tolist()
-    return LayersResponse(run=run_id, metric=metric, layers=layers, **lists)
+    _, m = pieces.columns(cols).group((pieces.first - origin) // size)
+    return LayerMatrix(  # rows = layers, as a heatmap wants them
+        run_id, metric, layers, size, m.first, m.last, m.vmin.T, m.vmax.T, m.nonfinite.T
+    )
 
 
 def _block_grid(first: int, last: int, needed: int, max_points: int) -> tuple[int, int, int] | None:
