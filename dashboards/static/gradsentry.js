@@ -135,7 +135,7 @@ const GS = (() => {
       if (layer) await showLayer(layer);
       shown = figs.run.last_step;
       setText("last-step", shown ?? "–");
-      setText("num-steps", figs.run.num_steps);
+      if (figs.run.num_steps != null) setText("num-steps", figs.run.num_steps);
       setText("status", figs.run.status);
     }
 

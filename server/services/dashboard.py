@@ -9,7 +9,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from server import errors
-from server.models import Run, Step, utcnow
+from server.models import Project, Run, Scalar, Step, utcnow
 from server.schemas import RunOut, SeriesOut
 from server.services import runs, series
 from server.services.series import LayerMatrix
@@ -67,11 +67,10 @@ def run_rows(
 
 def run_page(session: Session, run_id: str, max_points: int, heat_points: int) -> RunPageData:
     """Everything the run page draws except alerts and noise scale (their own REST)."""
-    run = runs.describe(session, run_id)
-    groups = sorted(
-        (n for n in run.series or () if n.startswith("lr/group")),
-        key=lambda n: int(n.removeprefix("lr/group") or 0),
-    )
+    row = runs.get_run(session, run_id)
+    project = session.scalar(select(Project.name).where(Project.id == row.project_id))
+    run = runs.run_out(session, row, project or "")  # no step count: a scan of every step
+    groups = lr_groups(session, row.pk)
     got = series.read_series(session, run_id, [*RUN_SERIES, *groups], None, None, max_points)
     by_name = {s.name: s for s in got.series}
     grad = series.layer_matrix(session, run_id, "grad_norm", None, None, None, heat_points)
@@ -83,6 +82,17 @@ def run_page(session: Session, run_id: str, max_points: int, heat_points: int) -
         grad=grad,
         update_ratio=ratio,
     )
+
+
+def lr_groups(session: Session, run_pk: int) -> list[str]:
+    """``lr/group0``, ``lr/group1``, … that the run logs: one index probe per group."""
+    names: list[str] = []
+    while True:
+        name = f"lr/group{len(names)}"
+        probe = select(Scalar.step).where(Scalar.run_pk == run_pk, Scalar.name == name)
+        if session.scalar(probe.limit(1)) is None:
+            return names
+        names.append(name)
 
 
 def layer_detail(session: Session, run_id: str, layer: str, max_points: int) -> list[LayerMatrix]:

@@ -144,15 +144,13 @@ def _series_buckets_sql(
 
 
 def _unknown_names(session: Session, run: Run, names: list[str]) -> list[str]:
-    extra = [n for n in names if n not in STEP_SERIES]
-    if not extra:
-        return []
-    known = set(
-        session.scalars(
-            select(Scalar.name).where(Scalar.run_pk == run.pk, Scalar.name.in_(extra)).distinct()
-        )
-    )
-    return [n for n in extra if n not in known]
+    """Extra (non built-in) names the run never logged: one index probe per name."""
+    unknown = []
+    for name in dict.fromkeys(n for n in names if n not in STEP_SERIES):
+        probe = select(Scalar.step).where(Scalar.run_pk == run.pk, Scalar.name == name)
+        if session.scalar(probe.limit(1)) is None:
+            unknown.append(name)
+    return unknown
 
 
 def read_series(
