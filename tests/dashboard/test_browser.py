@@ -17,6 +17,7 @@ from client_hooks.demo import train
 from tests.conftest import Collector, new_run_id
 from tests.dashboard.conftest import WatchedPage
 
+STEPS = 15  # per demo run: enough for the update ratio (every 10 steps)
 DRAWN = (
     "id => { const el = document.getElementById(id); return !!(el && el.data && el.data.length); }"
 )
@@ -27,7 +28,7 @@ def trained(pg_collector: Collector) -> list[str]:
     """Two short runs of the demo transformer streamed into the collector."""
     ids = [new_run_id("browser-a"), new_run_id("browser-b")]
     for run_id in ids:
-        train(pg_collector.url, "browser", run_id, steps=25)
+        train(pg_collector.url, "browser", run_id, steps=STEPS)
     return ids
 
 
@@ -52,7 +53,7 @@ def test_every_page_loads_without_console_errors(
     p = page.page
     p.goto(f"{pg_collector.url}/")
     for run_id in trained:
-        assert p.locator(f'tr[data-run="{run_id}"] .last-step').inner_text() == "24"
+        assert p.locator(f'tr[data-run="{run_id}"] .last-step').inner_text() == str(STEPS - 1)
     _shot(page, artifacts, "index")
 
     p.goto(f"{pg_collector.url}/runs/{a}")
@@ -86,8 +87,8 @@ def test_heatmap_has_one_row_per_layer_and_a_click_shows_that_layer(
         " finite: z.flat().filter(Number.isFinite).length}; }"
     )
     assert heat["y"] == layers  # model order, one row each
-    assert heat["rows"] == len(layers) and heat["cols"] == len(heat["x"]) == 25
-    assert heat["finite"] > 0.9 * len(layers) * 25  # log colours, not blanks
+    assert heat["rows"] == len(layers) and heat["cols"] == len(heat["x"]) == STEPS
+    assert heat["finite"] > 0.9 * len(layers) * STEPS  # log colours, not blanks
 
     target = layers[len(layers) // 2]
     # A real mouse click on the middle of that row, at the middle step.
@@ -136,7 +137,7 @@ def test_compare_page_overlays_the_runs(
         )
         assert sorted(names) == sorted(trained)
         steps = p.evaluate(f"() => document.getElementById('{panel}').data.map(t => t.x.length)")
-        assert steps == [25] * 4
+        assert steps == [STEPS] * 4
     _shot(page, artifacts, "compare-overlay")
     assert page.errors == []
 
