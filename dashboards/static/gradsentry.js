@@ -108,7 +108,7 @@ const GS = (() => {
 
   function runPage(run, batchSize, pollMs) {
     const base = `/runs/${encodeURIComponent(run)}`;
-    let shown = null, layer = null, clickBound = false;
+    let loaded = false, shown = null, layer = null, clickBound = false;
 
     async function showLayer(name) {
       layer = name;
@@ -134,13 +134,14 @@ const GS = (() => {
       await drawNoise(run, batchSize);
       if (layer) await showLayer(layer);
       shown = figs.run.last_step;
+      loaded = true;
       setText("last-step", shown ?? "–");
       if (figs.run.num_steps != null) setText("num-steps", figs.run.num_steps);
       setText("status", figs.run.status);
     }
 
     return every(pollMs, async () => {
-      if (shown === null) { await refresh(); return; }
+      if (!loaded) { await refresh(); return; }
       const r = await getJSON(`/api/v1/runs/${encodeURIComponent(run)}`);
       if (r.last_step !== shown) await refresh();
     });

@@ -36,6 +36,8 @@ class FigureJSONResponse(WireJSONResponse):
             return json.dumps(content, allow_nan=False, separators=(",", ":")).encode()
         except ValueError:  # a non-finite number slipped through: the wire strings then
             return super().render(content)
+
+
 templates = Jinja2Templates(directory=str(TEMPLATES_DIR))
 
 SERIES_POINTS = 600  # buckets per line chart (~1 per pixel of a half-width chart)
