@@ -3,6 +3,7 @@
 from pathlib import Path
 
 TEMPLATES_DIR = Path(__file__).parent / "templates"
+STATIC_DIR = Path(__file__).parent / "static"
 
 
 def plotly_js_path() -> Path:

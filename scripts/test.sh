@@ -23,7 +23,21 @@ ensure_postgres() {
   exit 1
 }
 
+# Browser tests drive Debian's Chromium through Playwright's Python package (never a
+# downloaded browser); the compose test runs Debian's docker-compose.
+ensure_test_tools() {
+  local pkgs=()
+  [ -x /usr/bin/chromium ] || pkgs+=(chromium chromium-driver)
+  command -v docker-compose >/dev/null 2>&1 || pkgs+=(docker-compose)
+  if [ "${#pkgs[@]}" -gt 0 ]; then
+    echo "==> installing ${pkgs[*]}"
+    as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${pkgs[@]}" >/dev/null
+  fi
+}
+
 bash scripts/bootstrap.sh
+ensure_test_tools
 ensure_postgres
 echo "==> running the test suite"
 exec .venv/bin/python -m pytest -q "$@"

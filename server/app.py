@@ -9,14 +9,19 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from prometheus_client import CollectorRegistry, make_asgi_app
+from prometheus_client import CollectorRegistry
 from sqlalchemy.orm import sessionmaker
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server import __version__, errors
 from server.api import health, ingest, pages, runs
 from server.db import make_engine
-from server.metrics import Metrics
+from server.metrics import (
+    DatabaseCollector,
+    Metrics,
+    install_http_metrics,
+    install_metrics_route,
+)
 from server.settings import Settings
 
 log = logging.getLogger("gradsentry.server")
@@ -45,11 +50,17 @@ def create_app(
     app.state.engine = engine
     app.state.sessionmaker = sessionmaker(engine, expire_on_commit=False)
     app.state.metrics = Metrics.create(registry)
+    install_http_metrics(app, app.state.metrics)
+    # Scrape-time gauges from the database; alerts/noise scale plug in with add_source().
+    app.state.db_metrics = DatabaseCollector(
+        app.state.sessionmaker, engine, settings.metrics_active_window_s, settings.metrics_max_runs
+    )
+    registry.register(app.state.db_metrics)
     _install_error_handlers(app)
     app.include_router(ingest.router)
     app.include_router(runs.router)
     app.include_router(health.router)
-    app.mount("/metrics", make_asgi_app(registry))
+    install_metrics_route(app, registry)
     app.include_router(pages.router)
     return app
 

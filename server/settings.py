@@ -28,6 +28,9 @@ class Settings(BaseSettings):
     # Reads.
     default_max_points: int = 1000
     max_max_points: int = 100_000
+    # /metrics: per-run gauges only for runs that sent a step within this window (bounded).
+    metrics_active_window_s: float = 900.0
+    metrics_max_runs: int = 500
 
     @field_validator("database_url")
     @classmethod

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from server import errors
 from server.api.responses import WireJSONResponse
 from server.db import SessionDep, SettingsDep
+from server.metrics import Metrics, count_layer_values
 from server.schemas import IngestResult, RunCreate, RunOut, StepBatch
 from server.services import ingest, runs
 
@@ -27,6 +28,7 @@ async def steps_body(request: Request, settings: SettingsDep) -> StepBatch:
         if size > limit:
             raise errors.BodyTooLarge(f"body exceeds the limit of {limit} bytes")
         chunks.append(chunk)
+    request.state.body_bytes = size
     return ingest.decode_body(
         b"".join(chunks),
         request.headers.get("content-type"),
@@ -59,11 +61,17 @@ def create_run(spec: RunCreate, session: SessionDep, settings: SettingsDep) -> R
     },
 )
 def post_steps(
+    request: Request,
     run_id: str,
     batch: Annotated[StepBatch, Depends(steps_body)],
     session: SessionDep,
     settings: SettingsDep,
 ) -> IngestResult:
     """Upsert a batch of steps keyed by (run, step); all or nothing."""
-    return ingest.ingest_steps(session, run_id, batch, settings)
-
+    result = ingest.ingest_steps(session, run_id, batch, settings)
+    m: Metrics = request.app.state.metrics
+    m.steps_ingested.inc(result.accepted)
+    m.batches_ingested.inc()
+    m.bytes_ingested.inc(request.state.body_bytes)
+    m.layer_values_ingested.inc(count_layer_values(batch))
+    return result

@@ -16,6 +16,7 @@ from server import errors
 from server.analysis.ratios import update_ratio
 from server.models import STEP_SERIES, WINDOW_STATS, LayerValues, Scalar, Step, utcnow
 from server.schemas import IngestResult, StepBatch, StepIn
+from server.services import rollups
 from server.services.runs import get_run
 from server.settings import Settings
 
@@ -164,6 +165,8 @@ def ingest_steps(
         layer_rows.extend(w_layers)
     _upsert(session, Step.__table__, step_rows, ("run_pk", "step"))
     _upsert(session, LayerValues.__table__, layer_rows, ("run_pk", "metric", "step"))
+    rollups.refresh_layers(session, run.pk, len(run.layers), layer_rows)  # fast long reads
+    rollups.refresh_series(session, run.pk, step_rows)
     _upsert(session, Scalar.__table__, scalar_rows, ("run_pk", "name", "step"))
 
     last = max(s.step for s in steps)
