@@ -131,3 +131,5 @@ class Scalar(Base):
 # Series every run has (columns of ``steps``), in the order the API lists them.
 STEP_SERIES = ("loss", "grad_norm", "lr", "batch_size", "samples", "tokens", "nonfinite",
                "wall_time", "clip_coef", "loss_scale", "local_grad_norm", "micro_batches")
+
+from server import models_alerts  # noqa: E402,F401  (alert tables join the metadata)

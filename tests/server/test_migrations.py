@@ -20,7 +20,8 @@ from server.models import Base
 from server.settings import Settings
 from tests.conftest import PG_ADMIN_URL, _pg_url
 
-TABLES = {"projects", "runs", "steps", "layer_values", "scalars"}
+TABLES = {"projects", "runs", "steps", "layer_values", "scalars", "alert_states", "alerts",
+          "alert_silences", "alert_rules", "alert_receivers", "alert_notifications"}
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
