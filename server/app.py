@@ -14,7 +14,8 @@ from sqlalchemy.orm import sessionmaker
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server import __version__, errors
-from server.api import health, ingest, pages, runs
+from server.alerts.worker import AlertWorker
+from server.api import alerts, health, ingest, pages, runs
 from server.db import make_engine
 from server.metrics import Metrics
 from server.settings import Settings
@@ -32,7 +33,10 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        worker = _start_alert_worker(app, settings)
         yield
+        if worker is not None:
+            worker.stop()
         engine.dispose()
 
     app = FastAPI(
@@ -48,10 +52,25 @@ def create_app(
     _install_error_handlers(app)
     app.include_router(ingest.router)
     app.include_router(runs.router)
+    app.include_router(alerts.router)
     app.include_router(health.router)
     app.mount("/metrics", make_asgi_app(registry))
     app.include_router(pages.router)
     return app
+
+
+def _start_alert_worker(app: FastAPI, settings: Settings) -> AlertWorker | None:
+    """The outbox delivery thread (and YAML receivers), unless alerts are disabled."""
+    if not settings.alerts_enabled:
+        return None
+    if settings.alert_rules_file is not None:
+        from server.services.alerts import sync_config_receivers
+
+        with app.state.sessionmaker() as session:
+            sync_config_receivers(session, settings)
+    worker = AlertWorker(app.state.sessionmaker, settings)
+    worker.start()
+    return worker
 
 
 def _error(app: FastAPI, status: int, name: str, detail: object) -> JSONResponse:
