@@ -100,8 +100,11 @@ class AlertWorker:
         for (receiver_id, _run), items in groups.items():
             kind, name, url, config = receivers[receiver_id]
             error = None
+            # One entry per alert, its latest snapshot (as an Alertmanager group shows it):
+            # a warning escalated to critical while the receiver was down is sent once.
+            latest = {p["id"]: p for _, p, _ in sorted(items, key=lambda item: item[0])}
             try:
-                deliver(kind, name, url, config, [p for _, p, _ in items],
+                deliver(kind, name, url, config, list(latest.values()),
                         self.settings.alert_external_url)
             except DeliveryError as exc:
                 error = str(exc)
