@@ -34,12 +34,16 @@ DEFAULT_RULES: Rules = {
                     "warmup": 50.0},
     # Per-layer update/weight ratio (sampled every K steps) against its own baseline.
     "update_ratio_jump": {**_COMMON, "warning": 10.0, "critical": 100.0, "warmup": 3.0},
-    # Loss EMA above (1 + margin) × its running minimum (warning), above the initial loss
-    # after having dropped below (1 - drop) of it (critical), sustained.
+    # Loss EMA above (1 + margin) × its running minimum (warning), or back above the first
+    # loss after having dropped below (1 - drop) × it (critical), for `sustain` records;
+    # the raw loss above (1 + initial_margin) × the first loss for `initial_sustain` records
+    # (critical, from the first step: high learning rate without warm-up).
     "divergence": {**_COMMON, "margin": 0.3, "drop": 0.1, "sustain": 8.0, "warmup": 20.0,
-                   "alpha": 0.1},
-    # Fraction of AMP-overflow (skipped) steps among the last `window` records.
-    "amp_overflow": {**_COMMON, "warning": 0.2, "critical": 0.5, "window": 50.0},
+                   "alpha": 0.1, "initial_margin": 0.2, "initial_sustain": 3.0},
+    # Fraction of AMP-overflow (skipped) steps among the last `window` records, after a
+    # warm-up (a fresh GradScaler overflows a few times while it finds its scale).
+    "amp_overflow": {**_COMMON, "warning": 0.25, "critical": 0.5, "window": 20.0,
+                     "warmup": 50.0},
     # No data for `after_s` seconds (checked periodically by the delivery loop).
     "stalled": {**_COMMON, "after_s": 600.0, "max_age_s": 86400.0},
 }

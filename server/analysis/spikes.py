@@ -14,8 +14,9 @@ Rules (parameters in ``rules.py``):
 - ``layer_vanishing``: a layer's norm ≤ ratio × its baseline for ``sustain`` records.
 - ``norm_growth``: exp(EMA₀.₂ − EMA₀.₀₂) of log grad norm ≥ factor for ``sustain`` records.
 - ``update_ratio_jump``: a layer's |Δw|/|w| over its baseline (records that carry it).
-- ``divergence``: loss EMA ≥ (1+margin) × its running minimum (warning), or ≥ the initial
-  loss after having fallen below (1−drop) × it (critical), for ``sustain`` records.
+- ``divergence``: loss EMA ≥ (1+margin) × its running minimum (warning), or ≥ the first
+  loss after having fallen below (1−drop) × it (critical), for ``sustain`` records; or the
+  raw loss ≥ (1+initial_margin) × the first loss for ``initial_sustain`` records (critical).
 - ``amp_overflow``: share of overflow (skipped) records among the last ``window``.
 
 Attribution: every signal names the layers whose grad norm deviates most (log-space z ≥ 3)
@@ -87,6 +88,7 @@ class RunAnalysis:
     growth: list[float] = field(default_factory=lambda: [math.nan, math.nan, 0.0, 0.0])
     div: dict[str, float] = field(default_factory=dict)
     overflow: list[int] = field(default_factory=list)
+    amp_records: int = 0
 
     def __post_init__(self) -> None:
         if self.layers is None:
@@ -105,7 +107,7 @@ class RunAnalysis:
                 "update_records": self.update_records, "dev_start": self.dev_start,
                 "vanish": self.vanish, "growth": [_nan_null(g) for g in self.growth],
                 "div": {k: _nan_null(v) for k, v in self.div.items()},
-                "overflow": self.overflow}
+                "overflow": self.overflow, "amp_records": self.amp_records}
 
     @classmethod
     def from_json(cls, data: dict[str, Any] | None, n_layers: int, rules: Rules) -> RunAnalysis:
@@ -123,7 +125,7 @@ class RunAnalysis:
             vanish=list(data["vanish"]),
             growth=[math.nan if g is None else g for g in data["growth"]],
             div={k: math.nan if v is None else v for k, v in data["div"].items()},
-            overflow=list(data["overflow"]))
+            overflow=list(data["overflow"]), amp_records=int(data.get("amp_records", 0)))
 
 
 def _nan_null(x: float) -> float | None:
@@ -323,23 +325,29 @@ def _divergence(ev: _Eval) -> None:
     p = ev.rules["divergence"]
     n = d.get("n", 0.0) + 1
     ema = x if n == 1 else (1 - p["alpha"]) * d["ema"] + p["alpha"] * x
-    initial = d.get("initial", x) if n > 5 else (d.get("initial", 0.0) * (n - 1) + x) / n
+    initial = d.get("initial", x)  # the run's first finite loss
     prev = d.get("min", math.nan)
     low = (ema if prev != prev else min(prev, ema)) if n >= p["warmup"] else math.nan
     dropped = d.get("dropped", 0.0) or float(ema <= (1 - p["drop"]) * initial)
-    crit = dropped and ema >= initial
+    above = d.get("above", 0.0) + 1 if x >= (1 + p["initial_margin"]) * initial else 0.0
+    crit = bool(dropped) and ema >= initial
     warn = n >= p["warmup"] and ema >= (1 + p["margin"]) * low
     run = d.get("run", 0.0) + 1 if (warn or crit) else 0.0
     ev.s.div = {"n": n, "ema": ema, "initial": initial, "min": low, "dropped": dropped,
-                "run": run}
-    if run >= p["sustain"] and ev.on("divergence"):
-        if crit:
-            ev.emit("divergence", "critical", ema, initial,
-                    f"loss (EMA {ema:.4g}) is back above its initial value {initial:.4g}")
-        else:
-            ev.emit("divergence", "warning", ema, (1 + p["margin"]) * low,
-                    f"loss (EMA {ema:.4g}) is trending up: {ema / low:.2f}x its minimum "
-                    f"{low:.4g}")
+                "run": run, "above": above}
+    if not ev.on("divergence"):
+        return
+    if above >= p["initial_sustain"]:
+        ev.emit("divergence", "critical", x, (1 + p["initial_margin"]) * initial,
+                f"loss {x:.4g} has stayed above its initial value {initial:.4g} "
+                f"for {int(above)} records")
+    elif run >= p["sustain"] and crit:
+        ev.emit("divergence", "critical", ema, initial,
+                f"loss (EMA {ema:.4g}) is back above its initial value {initial:.4g}")
+    elif run >= p["sustain"]:
+        ev.emit("divergence", "warning", ema, (1 + p["margin"]) * low,
+                f"loss (EMA {ema:.4g}) is trending up: {ema / low:.2f}x its minimum "
+                f"{low:.4g}")
 
 
 def _overflow(ev: _Eval) -> None:
@@ -349,8 +357,10 @@ def _overflow(ev: _Eval) -> None:
     p = ev.rules["amp_overflow"]
     s.overflow.append(int(bool(v.overflow)))
     size = int(p["window"])
+    s.amp_records += 1
+    seen = s.amp_records
     del s.overflow[: max(0, len(s.overflow) - size)]
-    if len(s.overflow) < size or not ev.on("amp_overflow"):
+    if seen <= p["warmup"] or len(s.overflow) < size or not ev.on("amp_overflow"):
         return
     rate = sum(s.overflow) / len(s.overflow)
     level = _level(rate, p)
