@@ -70,8 +70,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
-        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2)
-                   for z in self.qkv(x).split(d, dim=-1))
+        q, k, v = (
+            z.view(b, t, self.heads, d // self.heads).transpose(1, 2)
+            for z in self.qkv(x).split(d, dim=-1)
+        )
         y = F.scaled_dot_product_attention(self.qn(q), self.kn(k), v, is_causal=True)
         out: torch.Tensor = self.proj(y.transpose(1, 2).reshape(b, t, d))
         return out
@@ -128,9 +130,17 @@ class Scenario:
 SCENARIOS = (
     [Scenario(f"healthy-s{s}", None, "healthy", s) for s in range(3)]
     + [Scenario(f"qknorm-s{s}", None, "qknorm", s) for s in range(2)]
-    + [Scenario(f"{k}-s{s}", onset, k, s) for k, onset in
-       (("bad-batch", 150), ("lr-spike", 150), ("overflow", 150), ("slow-ramp", 100),
-        ("high-lr", 0)) for s in range(2)]
+    + [
+        Scenario(f"{k}-s{s}", onset, k, s)
+        for k, onset in (
+            ("bad-batch", 150),
+            ("lr-spike", 150),
+            ("overflow", 150),
+            ("slow-ramp", 100),
+            ("high-lr", 0),
+        )
+        for s in range(2)
+    ]
 )
 
 
@@ -151,11 +161,22 @@ def train(sc: Scenario, server: str, steps: int, project: str) -> tuple[str, lis
     torch.manual_seed(sc.seed)
     model = GPT(qk_norm=sc.kind == "qknorm")
     opt = torch.optim.AdamW(model.parameters(), lr=BASE_LR, weight_decay=0.01)
-    scaler = (torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=20)
-              if sc.kind == "overflow" else None)
-    mon = client_hooks.watch(model, opt, project=project, run=f"{project}-{sc.name}",
-                             server=server, batch_size=BATCH, flush_interval=0.1,
-                             scaler=scaler, spool=False)
+    scaler = (
+        torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=20)
+        if sc.kind == "overflow"
+        else None
+    )
+    mon = client_hooks.watch(
+        model,
+        opt,
+        project=project,
+        run=f"{project}-{sc.name}",
+        server=server,
+        batch_size=BATCH,
+        flush_interval=0.1,
+        scaler=scaler,
+        spool=False,
+    )
     data = markov_batches(VOCAB, SEQ, BATCH, seed=0)
     gen = torch.Generator().manual_seed(1000 + sc.seed)
     losses: list[float] = []
@@ -201,6 +222,7 @@ def doubling_step(losses: list[float], after: int) -> int | None:
 
 # -- collector and receiver -------------------------------------------------------------
 
+
 class Receiver:
     def __init__(self) -> None:
         self.arrivals: list[tuple[float, dict[str, Any]]] = []
@@ -234,6 +256,7 @@ def serve(settings: Settings) -> tuple[str, uvicorn.Server]:
 
 # -- scoring ------------------------------------------------------------------------------
 
+
 def score(api: httpx.Client, sc: Scenario, run_id: str, losses: list[float]) -> dict[str, Any]:
     alerts = api.get(f"/api/v1/runs/{run_id}/alerts", params={"limit": 1000}).json()["alerts"]
     alerts = [a for a in alerts if a["rule"] != "stalled"]
@@ -244,13 +267,20 @@ def score(api: httpx.Client, sc: Scenario, run_id: str, losses: list[float]) -> 
         true = [s for s in steps if s >= sc.onset]
         false = [s for s in steps if s < sc.onset]
     hit = sc.onset is not None and any(s <= sc.onset + HORIZON for s in true)
-    out = {"scenario": sc.name, "onset": sc.onset, "alerts": len(steps), "true": len(true),
-           "false": len(false), "detected": hit,
-           "lead": (min(true) - sc.onset) if (hit and sc.onset is not None) else None,
-           "rules": sorted({a["rule"] for a in alerts}),
-           "first": (sorted(alerts, key=lambda a: a["step"])[0]["rule"] if alerts else None),
-           "false_rules": sorted({a["rule"] for a in alerts
-                                  if sc.onset is None or a["step"] < sc.onset})}
+    out = {
+        "scenario": sc.name,
+        "onset": sc.onset,
+        "alerts": len(steps),
+        "true": len(true),
+        "false": len(false),
+        "detected": hit,
+        "lead": (min(true) - sc.onset) if (hit and sc.onset is not None) else None,
+        "rules": sorted({a["rule"] for a in alerts}),
+        "first": (sorted(alerts, key=lambda a: a["step"])[0]["rule"] if alerts else None),
+        "false_rules": sorted(
+            {a["rule"] for a in alerts if sc.onset is None or a["step"] < sc.onset}
+        ),
+    }
     if sc.kind == "slow-ramp":
         out["loss_doubles_at"] = doubling_step(losses, 100)
     return out
@@ -262,8 +292,15 @@ def latency(api: httpx.Client, receiver: Receiver, project: str) -> dict[str, fl
     for t in range(TRIALS):
         run_id = f"{project}-lat{t}"
         api.post("/api/v1/runs", json={"id": run_id, "project": project, "layers": layers})
-        healthy = [{"step": i, "loss": 2.0 + 0.01 * math.sin(i), "grad_norm": 1.0 + 0.02 *
-                    math.sin(1.3 * i), "layer_grad_norms": [0.3] * 8} for i in range(60)]
+        healthy = [
+            {
+                "step": i,
+                "loss": 2.0 + 0.01 * math.sin(i),
+                "grad_norm": 1.0 + 0.02 * math.sin(1.3 * i),
+                "layer_grad_norms": [0.3] * 8,
+            }
+            for i in range(60)
+        ]
         body, headers = encode_batch(healthy, compress=True)
         api.post(f"/api/v1/runs/{run_id}/steps", content=body, headers=headers)
         spike = [{"step": 60, "loss": 2.0, "grad_norm": 50.0, "layer_grad_norms": [0.3] * 8}]
@@ -279,9 +316,13 @@ def latency(api: httpx.Client, receiver: Receiver, project: str) -> dict[str, fl
     lat.sort()
     base.sort()
     p95 = lat[min(len(lat) - 1, math.ceil(0.95 * len(lat)) - 1)]
-    return {"p50_s": statistics.median(lat), "p95_s": p95, "max_s": lat[-1],
-            "ingest_p50_s": statistics.median(base),
-            "ratio_p50": statistics.median(lat) / statistics.median(base)}
+    return {
+        "p50_s": statistics.median(lat),
+        "p95_s": p95,
+        "max_s": lat[-1],
+        "ingest_p50_s": statistics.median(base),
+        "ratio_p50": statistics.median(lat) / statistics.median(base),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -299,10 +340,19 @@ def main(argv: list[str] | None = None) -> int:
     receiver = Receiver()
     project = f"bench-{int(time.time())}"
     api = httpx.Client(base_url=base, timeout=60)
-    api.post("/api/v1/receivers", json={"name": f"{project}-hook", "kind": "webhook",
-                                        "project": project, "url": f"{receiver.url}/hook"})
-    print(f"Markov language: vocab {VOCAB}, entropy rate {entropy_rate():.3f} nats/token "
-          f"(uniform {math.log(VOCAB):.3f}); model dim {DIM} depth {DEPTH}, {args.steps} steps")
+    api.post(
+        "/api/v1/receivers",
+        json={
+            "name": f"{project}-hook",
+            "kind": "webhook",
+            "project": project,
+            "url": f"{receiver.url}/hook",
+        },
+    )
+    print(
+        f"Markov language: vocab {VOCAB}, entropy rate {entropy_rate():.3f} nats/token "
+        f"(uniform {math.log(VOCAB):.3f}); model dim {DIM} depth {DEPTH}, {args.steps} steps"
+    )
     kinds = set(args.only.split(",")) if args.only else None
     rows = []
     t_start = time.perf_counter()
@@ -320,18 +370,22 @@ def main(argv: list[str] | None = None) -> int:
     pos = [r for r in rows if r["onset"] is not None]
     total_alerts = sum(r["alerts"] for r in rows)
     true_alerts = sum(r["true"] for r in rows)
-    print(f"\nrecall {sum(r['detected'] for r in pos)}/{len(pos)} positive runs; precision "
-          f"{true_alerts}/{total_alerts} alerts; negative runs with an alert: "
-          f"{sum(1 for r in rows if r['onset'] is None and r['alerts'])}"
-          f"/{sum(1 for r in rows if r['onset'] is None)}")
+    print(
+        f"\nrecall {sum(r['detected'] for r in pos)}/{len(pos)} positive runs; precision "
+        f"{true_alerts}/{total_alerts} alerts; negative runs with an alert: "
+        f"{sum(1 for r in rows if r['onset'] is None and r['alerts'])}"
+        f"/{sum(1 for r in rows if r['onset'] is None)}"
+    )
     for kind in sorted({r["scenario"].rsplit("-s", 1)[0] for r in pos}):
         leads = [r["lead"] for r in pos if r["scenario"].startswith(kind) and r["lead"] is not None]
         print(f"  {kind}: lead times {leads}")
     lat = latency(api, receiver, project)
-    print(f"\nlatency batch -> webhook over {TRIALS} trials: p50 {lat['p50_s'] * 1000:.0f} ms, "
-          f"p95 {lat['p95_s'] * 1000:.0f} ms, max {lat['max_s'] * 1000:.0f} ms; plain ingest "
-          f"round trip p50 {lat['ingest_p50_s'] * 1000:.1f} ms (latency / ingest = "
-          f"{lat['ratio_p50']:.1f}x)")
+    print(
+        f"\nlatency batch -> webhook over {TRIALS} trials: p50 {lat['p50_s'] * 1000:.0f} ms, "
+        f"p95 {lat['p95_s'] * 1000:.0f} ms, max {lat['max_s'] * 1000:.0f} ms; plain ingest "
+        f"round trip p50 {lat['ingest_p50_s'] * 1000:.1f} ms (latency / ingest = "
+        f"{lat['ratio_p50']:.1f}x)"
+    )
     print(f"total {time.perf_counter() - t_start:.0f} s")
     server.should_exit = True
     return 0

@@ -18,9 +18,7 @@ class AlertState(Base):
 
     __tablename__ = "alert_states"
 
-    run_pk: Mapped[int] = mapped_column(
-        ForeignKey("runs.pk", ondelete="CASCADE"), primary_key=True
-    )
+    run_pk: Mapped[int] = mapped_column(ForeignKey("runs.pk", ondelete="CASCADE"), primary_key=True)
     last_step: Mapped[int | None] = mapped_column(BigInteger)
     state: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
@@ -115,9 +113,7 @@ class Notification(Base):
     __table_args__ = (Index("ix_alert_notifications_status", "status", "next_attempt_at"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    alert_id: Mapped[int] = mapped_column(
-        ForeignKey("alerts.id", ondelete="CASCADE"), index=True
-    )
+    alert_id: Mapped[int] = mapped_column(ForeignKey("alerts.id", ondelete="CASCADE"), index=True)
     receiver_id: Mapped[int] = mapped_column(
         ForeignKey("alert_receivers.id", ondelete="CASCADE"), index=True
     )

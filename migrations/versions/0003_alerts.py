@@ -29,8 +29,9 @@ def upgrade() -> None:
         sa.Column("last_step", sa.BigInteger(), nullable=True),
         sa.Column("state", sa.JSON(), nullable=False),
         sa.Column("updated_at", _tz(), nullable=False),
-        sa.ForeignKeyConstraint(["run_pk"], ["runs.pk"], name="fk_alert_states_run_pk_runs",
-                                ondelete="CASCADE"),
+        sa.ForeignKeyConstraint(
+            ["run_pk"], ["runs.pk"], name="fk_alert_states_run_pk_runs", ondelete="CASCADE"
+        ),
         sa.PrimaryKeyConstraint("run_pk", name="pk_alert_states"),
     )
     op.create_table(
@@ -59,10 +60,15 @@ def upgrade() -> None:
         sa.Column("silenced", sa.Boolean(), nullable=False),
         sa.Column("inhibited", sa.Boolean(), nullable=False),
         sa.Column("last_notified_at", _tz(), nullable=True),
-        sa.ForeignKeyConstraint(["run_pk"], ["runs.pk"], name="fk_alerts_run_pk_runs",
-                                ondelete="CASCADE"),
-        sa.ForeignKeyConstraint(["project_id"], ["projects.id"],
-                                name="fk_alerts_project_id_projects", ondelete="CASCADE"),
+        sa.ForeignKeyConstraint(
+            ["run_pk"], ["runs.pk"], name="fk_alerts_run_pk_runs", ondelete="CASCADE"
+        ),
+        sa.ForeignKeyConstraint(
+            ["project_id"],
+            ["projects.id"],
+            name="fk_alerts_project_id_projects",
+            ondelete="CASCADE",
+        ),
         sa.PrimaryKeyConstraint("id", name="pk_alerts"),
     )
     op.create_index("ix_alerts_fingerprint", "alerts", ["fingerprint"])
@@ -81,9 +87,12 @@ def upgrade() -> None:
         sa.Column("comment", sa.Text(), nullable=False),
         sa.Column("created_by", sa.String(128), nullable=True),
         sa.Column("created_at", _tz(), nullable=False),
-        sa.ForeignKeyConstraint(["project_id"], ["projects.id"],
-                                name="fk_alert_silences_project_id_projects",
-                                ondelete="CASCADE"),
+        sa.ForeignKeyConstraint(
+            ["project_id"],
+            ["projects.id"],
+            name="fk_alert_silences_project_id_projects",
+            ondelete="CASCADE",
+        ),
         sa.PrimaryKeyConstraint("id", name="pk_alert_silences"),
     )
     op.create_index("ix_alert_silences_project_id", "alert_silences", ["project_id"])
@@ -92,8 +101,12 @@ def upgrade() -> None:
         sa.Column("project_id", sa.Integer(), nullable=False),
         sa.Column("rules", sa.JSON(), nullable=False),
         sa.Column("updated_at", _tz(), nullable=False),
-        sa.ForeignKeyConstraint(["project_id"], ["projects.id"],
-                                name="fk_alert_rules_project_id_projects", ondelete="CASCADE"),
+        sa.ForeignKeyConstraint(
+            ["project_id"],
+            ["projects.id"],
+            name="fk_alert_rules_project_id_projects",
+            ondelete="CASCADE",
+        ),
         sa.PrimaryKeyConstraint("project_id", name="pk_alert_rules"),
     )
     op.create_table(
@@ -107,9 +120,12 @@ def upgrade() -> None:
         sa.Column("send_resolved", sa.Boolean(), nullable=False),
         sa.Column("min_severity", sa.String(16), nullable=False),
         sa.Column("created_at", _tz(), nullable=False),
-        sa.ForeignKeyConstraint(["project_id"], ["projects.id"],
-                                name="fk_alert_receivers_project_id_projects",
-                                ondelete="CASCADE"),
+        sa.ForeignKeyConstraint(
+            ["project_id"],
+            ["projects.id"],
+            name="fk_alert_receivers_project_id_projects",
+            ondelete="CASCADE",
+        ),
         sa.PrimaryKeyConstraint("id", name="pk_alert_receivers"),
         sa.UniqueConstraint("name", name="uq_alert_receivers_name"),
     )
@@ -129,18 +145,25 @@ def upgrade() -> None:
         sa.Column("last_error", sa.Text(), nullable=True),
         sa.Column("created_at", _tz(), nullable=False),
         sa.Column("sent_at", _tz(), nullable=True),
-        sa.ForeignKeyConstraint(["alert_id"], ["alerts.id"],
-                                name="fk_alert_notifications_alert_id_alerts", ondelete="CASCADE"),
-        sa.ForeignKeyConstraint(["receiver_id"], ["alert_receivers.id"],
-                                name="fk_alert_notifications_receiver_id_alert_receivers",
-                                ondelete="CASCADE"),
+        sa.ForeignKeyConstraint(
+            ["alert_id"],
+            ["alerts.id"],
+            name="fk_alert_notifications_alert_id_alerts",
+            ondelete="CASCADE",
+        ),
+        sa.ForeignKeyConstraint(
+            ["receiver_id"],
+            ["alert_receivers.id"],
+            name="fk_alert_notifications_receiver_id_alert_receivers",
+            ondelete="CASCADE",
+        ),
         sa.PrimaryKeyConstraint("id", name="pk_alert_notifications"),
     )
     op.create_index("ix_alert_notifications_alert_id", "alert_notifications", ["alert_id"])
-    op.create_index("ix_alert_notifications_receiver_id", "alert_notifications",
-                    ["receiver_id"])
-    op.create_index("ix_alert_notifications_status", "alert_notifications",
-                    ["status", "next_attempt_at"])
+    op.create_index("ix_alert_notifications_receiver_id", "alert_notifications", ["receiver_id"])
+    op.create_index(
+        "ix_alert_notifications_status", "alert_notifications", ["status", "next_attempt_at"]
+    )
 
 
 def downgrade() -> None:

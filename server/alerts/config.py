@@ -60,8 +60,10 @@ def _load(path: str, _mtime: int) -> AlertConfig:
         raise ValueError(f"alert rules file {path}: unknown keys {sorted(unknown)}")
     try:
         rules = validate(doc.get("rules") or {})
-        projects = {str(name): validate((spec or {}).get("rules") or {})
-                    for name, spec in (doc.get("projects") or {}).items()}
+        projects = {
+            str(name): validate((spec or {}).get("rules") or {})
+            for name, spec in (doc.get("projects") or {}).items()
+        }
     except RuleError as exc:
         raise ValueError(f"alert rules file {path}: {exc}") from None
     receivers = doc.get("receivers") or []

@@ -48,16 +48,20 @@ def lock_state(session: Session, run_pk: int, skip_locked: bool = False) -> Aler
     a row another transaction holds returns None instead of waiting.
     """
     insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
-    stmt = insert(AlertState.__table__).values(run_pk=run_pk, state={}, updated_at=utcnow())
+    stmt = insert(AlertState).values(run_pk=run_pk, state={}, updated_at=utcnow())
     session.execute(stmt.on_conflict_do_nothing(index_elements=["run_pk"]))
-    query = (select(AlertState).where(AlertState.run_pk == run_pk)
-             .with_for_update(skip_locked=skip_locked)
-             .execution_options(populate_existing=True))
+    query = (
+        select(AlertState)
+        .where(AlertState.run_pk == run_pk)
+        .with_for_update(skip_locked=skip_locked)
+        .execution_options(populate_existing=True)
+    )
     return session.scalars(query).one_or_none()
 
 
-def effective_rules(session: Session, project_id: int, project: str,
-                    settings: Settings) -> tuple[Rules, Rules]:
+def effective_rules(
+    session: Session, project_id: int, project: str, settings: Settings
+) -> tuple[Rules, Rules]:
     """(rules in force for the project, the project's REST overrides)."""
     config = load_config(settings.alert_rules_file)
     row = session.get(ProjectRules, project_id)
@@ -67,37 +71,58 @@ def effective_rules(session: Session, project_id: int, project: str,
 
 def alert_out(alert: Alert, project: str, run_id: str) -> AlertOut:
     return AlertOut(
-        id=alert.id, fingerprint=alert.fingerprint, project=project, run=run_id,
-        rule=alert.rule, scope=alert.scope, severity=alert.severity,  # type: ignore[arg-type]
+        id=alert.id,
+        fingerprint=alert.fingerprint,
+        project=project,
+        run=run_id,
+        rule=alert.rule,
+        scope=alert.scope,
+        severity=alert.severity,  # type: ignore[arg-type]
         state=alert.state,  # type: ignore[arg-type]
-        step=alert.step, end_step=alert.end_step, value=alert.value, threshold=alert.threshold,
-        summary=alert.summary, layers=[LayerScore(**entry) for entry in alert.layers],
-        first_layer=alert.first_layer, first_layer_lead_steps=alert.first_layer_lead_steps,
-        starts_at=alert.starts_at, ends_at=alert.ends_at,
-        acknowledged_at=alert.acknowledged_at, acknowledged_by=alert.acknowledged_by,
-        ack_comment=alert.ack_comment, silenced=alert.silenced, inhibited=alert.inhibited)
+        step=alert.step,
+        end_step=alert.end_step,
+        value=alert.value,
+        threshold=alert.threshold,
+        summary=alert.summary,
+        layers=[LayerScore(**entry) for entry in alert.layers],
+        first_layer=alert.first_layer,
+        first_layer_lead_steps=alert.first_layer_lead_steps,
+        starts_at=alert.starts_at,
+        ends_at=alert.ends_at,
+        acknowledged_at=alert.acknowledged_at,
+        acknowledged_by=alert.acknowledged_by,
+        ack_comment=alert.ack_comment,
+        silenced=alert.silenced,
+        inhibited=alert.inhibited,
+    )
 
 
-def is_silenced(session: Session, project_id: int, run_id: str, rule: str, step: int,
-                now: datetime) -> bool:
+def is_silenced(
+    session: Session, project_id: int, run_id: str, rule: str, step: int, now: datetime
+) -> bool:
     """Whether an active silence matches (project, run or any, rule or any, time, step)."""
-    query = select(Silence.id).where(
-        Silence.project_id == project_id,
-        or_(Silence.run.is_(None), Silence.run == run_id),
-        or_(Silence.rule.is_(None), Silence.rule == rule),
-        or_(Silence.starts_at.is_(None), Silence.starts_at <= now),
-        or_(Silence.ends_at.is_(None), Silence.ends_at > now),
-        or_(Silence.step_from.is_(None), Silence.step_from <= step),
-        or_(Silence.step_to.is_(None), Silence.step_to >= step),
-    ).limit(1)
+    query = (
+        select(Silence.id)
+        .where(
+            Silence.project_id == project_id,
+            or_(Silence.run.is_(None), Silence.run == run_id),
+            or_(Silence.rule.is_(None), Silence.rule == rule),
+            or_(Silence.starts_at.is_(None), Silence.starts_at <= now),
+            or_(Silence.ends_at.is_(None), Silence.ends_at > now),
+            or_(Silence.step_from.is_(None), Silence.step_from <= step),
+            or_(Silence.step_to.is_(None), Silence.step_to >= step),
+        )
+        .limit(1)
+    )
     return session.scalar(query) is not None
 
 
 class Lifecycle:
     """The alerts of one run while its state row is locked."""
 
-    def __init__(self, session: Session, run: Run, project: str, rules: Rules,
-                 saved: dict[str, Any] | None) -> None:
+    def __init__(
+        self, session: Session, run: Run, project: str, rules: Rules, saved: dict[str, Any] | None
+    ) -> None:
         self.session, self.run, self.project, self.rules = session, run, project, rules
         saved = saved or {}
         self.firing: dict[str, dict[str, Any]] = dict(saved.get("firing", {}))
@@ -146,20 +171,33 @@ class Lifecycle:
             return
         now = utcnow()
         inhibited = sig.rule in INHIBITED_BY_NONFINITE and any(
-            f["rule"] == "nonfinite" for f in self.firing.values())
-        silenced = is_silenced(self.session, self.run.project_id, self.run.id, sig.rule,
-                               sig.step, now)
+            f["rule"] == "nonfinite" for f in self.firing.values()
+        )
+        silenced = is_silenced(
+            self.session, self.run.project_id, self.run.id, sig.rule, sig.step, now
+        )
         alert = Alert(
-            fingerprint=fp, run_pk=self.run.pk, project_id=self.run.project_id, rule=sig.rule,
-            scope=sig.scope, severity=sig.severity, state="firing", step=sig.step,
-            value=sig.value, threshold=sig.threshold, summary=sig.summary,
+            fingerprint=fp,
+            run_pk=self.run.pk,
+            project_id=self.run.project_id,
+            rule=sig.rule,
+            scope=sig.scope,
+            severity=sig.severity,
+            state="firing",
+            step=sig.step,
+            value=sig.value,
+            threshold=sig.threshold,
+            summary=sig.summary,
             layers=[{"layer": name, "score": min(score, 1e300)} for name, score in sig.layers],
-            first_layer=sig.first_layer, first_layer_lead_steps=sig.first_layer_lead_steps,
-            starts_at=now, silenced=silenced, inhibited=inhibited)
+            first_layer=sig.first_layer,
+            first_layer_lead_steps=sig.first_layer_lead_steps,
+            starts_at=now,
+            silenced=silenced,
+            inhibited=inhibited,
+        )
         self.session.add(alert)
         self.session.flush()
-        self.firing[fp] = {"id": alert.id, "rule": sig.rule, "severity": sig.severity,
-                           "clear": 0}
+        self.firing[fp] = {"id": alert.id, "rule": sig.rule, "severity": sig.severity, "clear": 0}
         self.raised.append(alert.id)
         self._notify(alert, "firing")
 
@@ -190,8 +228,16 @@ class Lifecycle:
         if alert.silenced or alert.inhibited:
             return
         if self._receivers is None:
-            self._receivers = list(self.session.scalars(select(Receiver).where(
-                or_(Receiver.project_id.is_(None), Receiver.project_id == self.run.project_id))))
+            self._receivers = list(
+                self.session.scalars(
+                    select(Receiver).where(
+                        or_(
+                            Receiver.project_id.is_(None),
+                            Receiver.project_id == self.run.project_id,
+                        )
+                    )
+                )
+            )
         payload: dict[str, Any] | None = None
         for receiver in self._receivers:
             if event == "resolved" and not receiver.send_resolved:
@@ -200,10 +246,18 @@ class Lifecycle:
                 continue
             if payload is None:
                 payload = dump(alert_out(alert, self.project, self.run.id))
-            self.session.add(Notification(alert_id=alert.id, receiver_id=receiver.id,
-                                          run_pk=self.run.pk, event=event, payload=payload,
-                                          status="pending", attempts=0,
-                                          next_attempt_at=utcnow()))
+            self.session.add(
+                Notification(
+                    alert_id=alert.id,
+                    receiver_id=receiver.id,
+                    run_pk=self.run.pk,
+                    event=event,
+                    payload=payload,
+                    status="pending",
+                    attempts=0,
+                    next_attempt_at=utcnow(),
+                )
+            )
         alert.last_notified_at = utcnow()
 
 

@@ -20,9 +20,12 @@ class DeliveryError(Exception):
 
 def post_json(url: str, body: Any) -> None:
     data = dumps_str(body).encode()
-    request = urllib.request.Request(url, data=data, method="POST",
-                                     headers={"Content-Type": "application/json",
-                                              "User-Agent": "gradsentry-alerts"})
+    request = urllib.request.Request(
+        url,
+        data=data,
+        method="POST",
+        headers={"Content-Type": "application/json", "User-Agent": "gradsentry-alerts"},
+    )
     try:
         with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
             status = response.status
@@ -49,8 +52,14 @@ def send_email(config: dict[str, Any], subject: str, text: str) -> None:
         raise DeliveryError(f"SMTP {config['host']}:{config.get('port', 25)}: {exc}") from None
 
 
-def deliver(kind: str, name: str, url: str | None, config: dict[str, Any],
-            alerts: list[dict[str, Any]], external_url: str) -> None:
+def deliver(
+    kind: str,
+    name: str,
+    url: str | None,
+    config: dict[str, Any],
+    alerts: list[dict[str, Any]],
+    external_url: str,
+) -> None:
     """Send one group of alert snapshots to one receiver; raises DeliveryError."""
     if kind == "webhook":
         assert url is not None
@@ -60,8 +69,9 @@ def deliver(kind: str, name: str, url: str | None, config: dict[str, Any],
         post_json(url, payloads.slack(alerts, external_url))
     elif kind == "alertmanager":
         assert url is not None
-        post_json(url.rstrip("/") + "/api/v2/alerts",
-                  payloads.alertmanager_v2(alerts, external_url))
+        post_json(
+            url.rstrip("/") + "/api/v2/alerts", payloads.alertmanager_v2(alerts, external_url)
+        )
     elif kind == "email":
         subject, text = payloads.email(alerts, external_url)
         send_email(config, subject, text)

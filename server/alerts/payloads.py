@@ -13,11 +13,16 @@ ICON = {"critical": ":rotating_light:", "warning": ":warning:", "resolved": ":wh
 
 
 def labels(a: dict[str, Any]) -> dict[str, str]:
-    return {"alertname": a["rule"], "project": a["project"], "run": a["run"],
-            "scope": a["scope"], "severity": a["severity"]}
+    return {
+        "alertname": a["rule"],
+        "project": a["project"],
+        "run": a["run"],
+        "scope": a["scope"],
+        "severity": a["severity"],
+    }
 
 
-def annotations(a: dict[str, Any]) -> dict[str, str]:
+def am_annotations(a: dict[str, Any]) -> dict[str, str]:
     out = {"summary": a["summary"], "step": str(a["step"]), "value": str(a["value"])}
     if a["layers"]:
         out["layers"] = ", ".join(f"{x['layer']} ({x['score']:.3g})" for x in a["layers"])
@@ -31,8 +36,10 @@ def annotations(a: dict[str, Any]) -> dict[str, str]:
 def _description(a: dict[str, Any]) -> str:
     text = f"{a['summary']} (run {a['run']}, step {a['step']})"
     if a["first_layer"] is not None:
-        text += (f"; first layer to deviate: {a['first_layer']}, "
-                 f"{a['first_layer_lead_steps']} steps earlier")
+        text += (
+            f"; first layer to deviate: {a['first_layer']}, "
+            f"{a['first_layer_lead_steps']} steps earlier"
+        )
     return text
 
 
@@ -42,9 +49,15 @@ def generator_url(a: dict[str, Any], external_url: str) -> str:
 
 def am_alert(a: dict[str, Any], external_url: str) -> dict[str, Any]:
     """One alert as Alertmanager's webhook shows it."""
-    return {"status": a["state"], "labels": labels(a), "annotations": annotations(a),
-            "startsAt": a["starts_at"], "endsAt": a["ends_at"] or ZERO_TIME,
-            "generatorURL": generator_url(a, external_url), "fingerprint": a["fingerprint"]}
+    return {
+        "status": a["state"],
+        "labels": labels(a),
+        "annotations": am_annotations(a),
+        "startsAt": a["starts_at"],
+        "endsAt": a["ends_at"] or ZERO_TIME,
+        "generatorURL": generator_url(a, external_url),
+        "fingerprint": a["fingerprint"],
+    }
 
 
 def _common(dicts: list[dict[str, str]]) -> dict[str, str]:
@@ -74,8 +87,12 @@ def alertmanager_v2(alerts: list[dict[str, Any]], external_url: str) -> list[dic
     """Body of ``POST /api/v2/alerts`` (postableAlerts): endsAt only once resolved."""
     out = []
     for a in alerts:
-        item = {"labels": labels(a), "annotations": annotations(a), "startsAt": a["starts_at"],
-                "generatorURL": generator_url(a, external_url)}
+        item = {
+            "labels": labels(a),
+            "annotations": am_annotations(a),
+            "startsAt": a["starts_at"],
+            "generatorURL": generator_url(a, external_url),
+        }
         if a["state"] == "resolved" and a["ends_at"]:
             item["endsAt"] = a["ends_at"]
         out.append(item)
@@ -86,8 +103,10 @@ def _line(a: dict[str, Any]) -> str:
     status = "resolved" if a["state"] == "resolved" else a["severity"]
     line = f"{ICON[status]} *[{status.upper()}] {a['rule']}* ({a['scope']}): {a['summary']}"
     if a["first_layer"] is not None and a["state"] == "firing":
-        line += (f"\n    first layer to deviate: `{a['first_layer']}` "
-                 f"({a['first_layer_lead_steps']} steps earlier)")
+        line += (
+            f"\n    first layer to deviate: `{a['first_layer']}` "
+            f"({a['first_layer_lead_steps']} steps earlier)"
+        )
     return line
 
 
@@ -101,8 +120,10 @@ def slack(alerts: list[dict[str, Any]], external_url: str) -> dict[str, Any]:
         "blocks": [
             {"type": "section", "text": {"type": "mrkdwn", "text": header}},
             {"type": "section", "text": {"type": "mrkdwn", "text": body}},
-            {"type": "context", "elements": [{"type": "mrkdwn",
-                                              "text": generator_url(alerts[0], external_url)}]},
+            {
+                "type": "context",
+                "elements": [{"type": "mrkdwn", "text": generator_url(alerts[0], external_url)}],
+            },
         ],
     }
 
@@ -113,12 +134,13 @@ def email(alerts: list[dict[str, Any]], external_url: str) -> tuple[str, str]:
     status = "FIRING" if firing else "RESOLVED"
     run = alerts[0]["run"]
     subject = f"[gradsentry {status}:{len(alerts)}] run {run}: " + ", ".join(
-        sorted({a["rule"] for a in alerts}))
+        sorted({a["rule"] for a in alerts})
+    )
     lines = []
     for a in alerts:
         lines.append(f"[{a['state'].upper()} {a['severity']}] {a['rule']} ({a['scope']})")
         lines.append(f"  {_description(a)}")
         if a["layers"]:
-            lines.append("  layers: " + annotations(a)["layers"])
+            lines.append("  layers: " + am_annotations(a)["layers"])
         lines.append(f"  {generator_url(a, external_url)}")
     return subject, "\n".join(lines) + "\n"

@@ -75,8 +75,11 @@ class SilenceIn(Strict):
             raise ValueError(f"unknown rule {self.rule!r}; known: {', '.join(RULE_NAMES)}")
         if self.starts_at and self.ends_at and self.ends_at <= self.starts_at:
             raise ValueError("ends_at must be after starts_at")
-        if (self.step_from is not None and self.step_to is not None
-                and self.step_to < self.step_from):
+        if (
+            self.step_from is not None
+            and self.step_to is not None
+            and self.step_to < self.step_from
+        ):
             raise ValueError("step_to must be >= step_from")
         return self
 

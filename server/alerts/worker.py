@@ -46,8 +46,7 @@ class AlertWorker:
         self._last_error_log = 0.0
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name="gradsentry-alerts",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._loop, name="gradsentry-alerts", daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -81,21 +80,34 @@ class AlertWorker:
         """Claim, send and settle one round of due notifications; returns how many."""
         now = utcnow()
         with self.factory() as session:
-            rows = session.scalars(select(Notification).where(
-                Notification.status == "pending", Notification.next_attempt_at <= now,
-                or_(Notification.lease_until.is_(None), Notification.lease_until < now),
-            ).order_by(Notification.id).limit(CLAIM_LIMIT).with_for_update(skip_locked=True)).all()
+            rows = session.scalars(
+                select(Notification)
+                .where(
+                    Notification.status == "pending",
+                    Notification.next_attempt_at <= now,
+                    or_(Notification.lease_until.is_(None), Notification.lease_until < now),
+                )
+                .order_by(Notification.id)
+                .limit(CLAIM_LIMIT)
+                .with_for_update(skip_locked=True)
+            ).all()
             if not rows:
                 return 0
             lease = now + timedelta(seconds=LEASE_S)
-            groups: dict[tuple[int, int], list[tuple[int, dict[str, Any], datetime]]] = (
-                defaultdict(list))
+            groups: dict[tuple[int, int], list[tuple[int, dict[str, Any], datetime]]] = defaultdict(
+                list
+            )
             for row in rows:
                 row.lease_until = lease
                 groups[(row.receiver_id, row.run_pk)].append(
-                    (row.id, row.payload, _aware(row.created_at)))
-            receivers = {r.id: (r.kind, r.name, r.url, dict(r.config)) for r in session.scalars(
-                select(Receiver).where(Receiver.id.in_({k[0] for k in groups})))}
+                    (row.id, row.payload, _aware(row.created_at))
+                )
+            receivers = {
+                r.id: (r.kind, r.name, r.url, dict(r.config))
+                for r in session.scalars(
+                    select(Receiver).where(Receiver.id.in_({k[0] for k in groups}))
+                )
+            }
             session.commit()
         for (receiver_id, _run), items in groups.items():
             kind, name, url, config = receivers[receiver_id]
@@ -104,21 +116,22 @@ class AlertWorker:
             # a warning escalated to critical while the receiver was down is sent once.
             latest = {p["id"]: p for _, p, _ in sorted(items, key=lambda item: item[0])}
             try:
-                deliver(kind, name, url, config, list(latest.values()),
-                        self.settings.alert_external_url)
+                deliver(
+                    kind, name, url, config, list(latest.values()), self.settings.alert_external_url
+                )
             except DeliveryError as exc:
                 error = str(exc)
                 log.warning("notification to %s failed: %s", name, error)
             self._settle(items, error)
         return len(rows)
 
-    def _settle(self, items: list[tuple[int, dict[str, Any], datetime]],
-                error: str | None) -> None:
+    def _settle(self, items: list[tuple[int, dict[str, Any], datetime]], error: str | None) -> None:
         s = self.settings
         now = utcnow()
         with self.factory() as session:
-            for row in session.scalars(select(Notification).where(
-                    Notification.id.in_([i for i, _, _ in items]))):
+            for row in session.scalars(
+                select(Notification).where(Notification.id.in_([i for i, _, _ in items]))
+            ):
                 row.attempts += 1
                 row.lease_until = None
                 if error is None:

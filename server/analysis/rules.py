@@ -21,37 +21,66 @@ DEFAULT_RULES: Rules = {
     # NaN/Inf in the loss, the total norm or any layer: immediate, critical.
     "nonfinite": {**_COMMON, "resolve_after": 20.0},
     # Robust z-scores (median/MAD of the last `window` accepted values, see robust.py).
-    "loss_spike": {**_COMMON, "warning": 6.0, "critical": 12.0, "rel_floor": 0.03,
-                   "warmup": 20.0, "window": 100.0, "reject": 4.0, "patience": 30.0},
-    "grad_norm_spike": {**_COMMON, "warning": 6.0, "critical": 15.0, "rel_floor": 0.25,
-                        "warmup": 20.0, "window": 100.0, "reject": 4.0, "patience": 30.0},
+    "loss_spike": {
+        **_COMMON,
+        "warning": 6.0,
+        "critical": 12.0,
+        "rel_floor": 0.03,
+        "warmup": 20.0,
+        "window": 100.0,
+        "reject": 4.0,
+        "patience": 30.0,
+    },
+    "grad_norm_spike": {
+        **_COMMON,
+        "warning": 6.0,
+        "critical": 15.0,
+        "rel_floor": 0.25,
+        "warmup": 20.0,
+        "window": 100.0,
+        "reject": 4.0,
+        "patience": 30.0,
+    },
     # Per-layer grad norm against its own log-EMA baseline: ratio to the baseline level.
     "layer_explosion": {**_COMMON, "warning": 10.0, "critical": 100.0, "warmup": 20.0},
-    "layer_vanishing": {**_COMMON, "enabled": 0.0, "ratio": 1e-3, "sustain": 5.0,
-                        "warmup": 20.0},
+    "layer_vanishing": {**_COMMON, "enabled": 0.0, "ratio": 1e-3, "sustain": 5.0, "warmup": 20.0},
     # Short vs long EMA of log grad norm: growth factor sustained for `sustain` records.
-    "norm_growth": {**_COMMON, "warning": 3.0, "critical": 10.0, "sustain": 20.0,
-                    "warmup": 50.0},
+    "norm_growth": {**_COMMON, "warning": 3.0, "critical": 10.0, "sustain": 20.0, "warmup": 50.0},
     # Per-layer update/weight ratio (sampled every K steps) against its own baseline.
     "update_ratio_jump": {**_COMMON, "warning": 10.0, "critical": 100.0, "warmup": 3.0},
     # Loss EMA above (1 + margin) × its running minimum (warning), or back above the first
     # loss after having dropped below (1 - drop) × it (critical), for `sustain` records;
     # the raw loss above (1 + initial_margin) × the first loss for `initial_sustain` records
     # (critical, from the first step: high learning rate without warm-up).
-    "divergence": {**_COMMON, "margin": 0.3, "drop": 0.1, "sustain": 8.0, "warmup": 20.0,
-                   "alpha": 0.1, "initial_margin": 0.2, "initial_sustain": 3.0},
+    "divergence": {
+        **_COMMON,
+        "margin": 0.3,
+        "drop": 0.1,
+        "sustain": 8.0,
+        "warmup": 20.0,
+        "alpha": 0.1,
+        "initial_margin": 0.2,
+        "initial_sustain": 3.0,
+    },
     # Fraction of AMP-overflow (skipped) steps among the last `window` records, after a
     # warm-up (a fresh GradScaler overflows a few times while it finds its scale).
-    "amp_overflow": {**_COMMON, "warning": 0.25, "critical": 0.5, "window": 20.0,
-                     "warmup": 50.0},
+    "amp_overflow": {**_COMMON, "warning": 0.25, "critical": 0.5, "window": 20.0, "warmup": 50.0},
     # No data for `after_s` seconds (checked periodically by the delivery loop).
     "stalled": {**_COMMON, "after_s": 600.0, "max_age_s": 86400.0},
 }
 
 RULE_NAMES = tuple(DEFAULT_RULES)
 # A firing non-finite alert mutes these rules for the same run (Alertmanager inhibition).
-INHIBITED_BY_NONFINITE = frozenset({"loss_spike", "grad_norm_spike", "layer_explosion",
-                                    "norm_growth", "update_ratio_jump", "divergence"})
+INHIBITED_BY_NONFINITE = frozenset(
+    {
+        "loss_spike",
+        "grad_norm_spike",
+        "layer_explosion",
+        "norm_growth",
+        "update_ratio_jump",
+        "divergence",
+    }
+)
 
 
 class RuleError(ValueError):

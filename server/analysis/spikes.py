@@ -83,8 +83,9 @@ class RunAnalysis:
     layers: LayerEma | None = None
     updates: LayerEma | None = None
     update_records: int = 0
-    dev_start: list[int] = field(default_factory=list)
-    vanish: list[int] = field(default_factory=list)
+    # per layer: step where its current deviation began (-1: none); records it has vanished
+    dev_start: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    vanish: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     growth: list[float] = field(default_factory=lambda: [math.nan, math.nan, 0.0, 0.0])
     div: dict[str, float] = field(default_factory=dict)
     overflow: list[int] = field(default_factory=list)
@@ -96,36 +97,52 @@ class RunAnalysis:
         if self.updates is None:
             self.updates = LayerEma(self.n_layers, alpha=0.2)
         if len(self.dev_start) != self.n_layers:
-            self.dev_start = [-1] * self.n_layers
-            self.vanish = [0] * self.n_layers
+            self.dev_start = np.full(self.n_layers, -1, dtype=np.int64)
+            self.vanish = np.zeros(self.n_layers, dtype=np.int64)
 
     def to_json(self) -> dict[str, Any]:
         assert self.layers is not None and self.updates is not None
-        return {"n_layers": self.n_layers, "records": self.records, "last_step": self.last_step,
-                "loss": self.loss.to_json(), "grad": self.grad.to_json(),
-                "layers": self.layers.to_json(), "updates": self.updates.to_json(),
-                "update_records": self.update_records, "dev_start": self.dev_start,
-                "vanish": self.vanish, "growth": [_nan_null(g) for g in self.growth],
-                "div": {k: _nan_null(v) for k, v in self.div.items()},
-                "overflow": self.overflow, "amp_records": self.amp_records}
+        return {
+            "n_layers": self.n_layers,
+            "records": self.records,
+            "last_step": self.last_step,
+            "loss": self.loss.to_json(),
+            "grad": self.grad.to_json(),
+            "layers": self.layers.to_json(),
+            "updates": self.updates.to_json(),
+            "update_records": self.update_records,
+            "dev_start": self.dev_start.tolist(),
+            "vanish": self.vanish.tolist(),
+            "growth": [_nan_null(g) for g in self.growth],
+            "div": {k: _nan_null(v) for k, v in self.div.items()},
+            "overflow": self.overflow,
+            "amp_records": self.amp_records,
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, Any] | None, n_layers: int, rules: Rules) -> RunAnalysis:
         if not data or data.get("n_layers") != n_layers:
-            return cls(n_layers=n_layers,
-                       loss=Window(size=int(rules["loss_spike"]["window"])),
-                       grad=Window(size=int(rules["grad_norm_spike"]["window"])))
+            return cls(
+                n_layers=n_layers,
+                loss=Window(size=int(rules["loss_spike"]["window"])),
+                grad=Window(size=int(rules["grad_norm_spike"]["window"])),
+            )
         return cls(
-            n_layers=n_layers, records=data["records"], last_step=data["last_step"],
+            n_layers=n_layers,
+            records=data["records"],
+            last_step=data["last_step"],
             loss=Window.from_json(data["loss"], int(rules["loss_spike"]["window"])),
             grad=Window.from_json(data["grad"], int(rules["grad_norm_spike"]["window"])),
             layers=LayerEma.from_json(data["layers"], n_layers, 0.05),
             updates=LayerEma.from_json(data["updates"], n_layers, 0.2),
-            update_records=data["update_records"], dev_start=list(data["dev_start"]),
-            vanish=list(data["vanish"]),
+            update_records=data["update_records"],
+            dev_start=np.asarray(data["dev_start"], dtype=np.int64),
+            vanish=np.asarray(data["vanish"], dtype=np.int64),
             growth=[math.nan if g is None else g for g in data["growth"]],
             div={k: math.nan if v is None else v for k, v in data["div"].items()},
-            overflow=list(data["overflow"]), amp_records=int(data.get("amp_records", 0)))
+            overflow=list(data["overflow"]),
+            amp_records=int(data.get("amp_records", 0)),
+        )
 
 
 def _nan_null(x: float) -> float | None:
@@ -147,8 +164,7 @@ def _level(value: float, params: dict[str, float]) -> tuple[str, float] | None:
 class _Eval:
     """One step's evaluation; collects signals with the step's attribution."""
 
-    def __init__(self, state: RunAnalysis, view: StepView, rules: Rules,
-                 names: list[str]) -> None:
+    def __init__(self, state: RunAnalysis, view: StepView, rules: Rules, names: list[str]) -> None:
         self.s, self.v, self.rules, self.names = state, view, rules, names
         self.signals: list[Signal] = []
         self.layer_z: np.ndarray | None = None
@@ -156,11 +172,21 @@ class _Eval:
     def on(self, rule: str) -> bool:
         return bool(self.rules[rule]["enabled"])
 
-    def emit(self, rule: str, severity: str, value: float, threshold: float | None,
-             summary: str, scope: str = "run") -> None:
+    def emit(
+        self,
+        rule: str,
+        severity: str,
+        value: float,
+        threshold: float | None,
+        summary: str,
+        scope: str = "run",
+    ) -> None:
         layers, first, lead = self.attribution()
-        self.signals.append(Signal(rule, scope, severity, self.v.step, value, threshold,
-                                   summary, layers, first, lead))
+        self.signals.append(
+            Signal(
+                rule, scope, severity, self.v.step, value, threshold, summary, layers, first, lead
+            )
+        )
 
     def attribution(self) -> tuple[list[tuple[str, float]], str | None, int | None]:
         z = self.layer_z
@@ -169,15 +195,16 @@ class _Eval:
         score = np.where(np.isnan(z), np.inf, z)
         order = np.argsort(-score, kind="stable")[:TOP_LAYERS]
         top = [(self.names[i], float(score[i])) for i in order if score[i] >= ATTRIBUTION_Z]
-        starts = [(st, i) for i, st in enumerate(self.s.dev_start) if st >= 0]
-        if not starts:
+        ds = self.s.dev_start
+        if not (ds >= 0).any():
             return top, None, None
-        start, idx = min(starts)
-        return top, self.names[idx], self.v.step - start
+        idx = int(np.argmin(np.where(ds >= 0, ds, np.iinfo(np.int64).max)))
+        return top, self.names[idx], self.v.step - int(ds[idx])
 
 
-def evaluate(state: RunAnalysis, view: StepView, rules: Rules,
-             layer_names: list[str]) -> list[Signal]:
+def evaluate(
+    state: RunAnalysis, view: StepView, rules: Rules, layer_names: list[str]
+) -> list[Signal]:
     """Score one step record against the run's baselines, then update them."""
     ev = _Eval(state, view, rules, layer_names)
     _layers(ev)
@@ -200,6 +227,8 @@ def _layers(ev: _Eval) -> None:
     if norms is None or len(norms) != s.n_layers or s.n_layers == 0:
         return
     norms = np.asarray(norms, dtype=np.float64)
+    if _layers_steady(ev, norms):
+        return
     z = s.layers.score(norms, LAYER_SIGMA_FLOOR)
     warm = s.layers.count >= ev.rules["layer_explosion"]["warmup"]
     z = np.where(warm, z, 0.0)
@@ -207,32 +236,65 @@ def _layers(ev: _Eval) -> None:
         z = np.where(np.asarray(v.layer_nonfinite) > 0, np.nan, z)
     ev.layer_z = z
     deviating = np.isnan(z) | (z >= ATTRIBUTION_Z)
-    for i, dev in enumerate(deviating):
-        if dev and s.dev_start[i] < 0:
-            s.dev_start[i] = v.step
-        elif not dev:
-            s.dev_start[i] = -1
+    s.dev_start = np.where(deviating, np.where(s.dev_start < 0, v.step, s.dev_start), -1)
     with np.errstate(invalid="ignore", over="ignore"):
         ratio = norms / np.exp(s.layers.mean)
     if ev.on("layer_explosion"):
         p = ev.rules["layer_explosion"]
-        for i in np.flatnonzero(warm & np.isfinite(ratio) & (ratio >= p["warning"])):
+        for i in map(int, np.flatnonzero(warm & np.isfinite(ratio) & (ratio >= p["warning"]))):
             level = _level(float(ratio[i]), p)
             assert level is not None
-            ev.emit("layer_explosion", level[0], float(ratio[i]), level[1],
-                    f"layer {ev.names[i]} grad norm {norms[i]:.3g} is {ratio[i]:.1f}x "
-                    "its baseline", scope=ev.names[i])
+            ev.emit(
+                "layer_explosion",
+                level[0],
+                float(ratio[i]),
+                level[1],
+                f"layer {ev.names[i]} grad norm {norms[i]:.3g} is {ratio[i]:.1f}x its baseline",
+                scope=ev.names[i],
+            )
     if ev.on("layer_vanishing"):
         p = ev.rules["layer_vanishing"]
         low = warm & np.isfinite(ratio) & (ratio <= p["ratio"])
-        for i in range(s.n_layers):
-            s.vanish[i] = s.vanish[i] + 1 if low[i] else 0
-            if s.vanish[i] >= p["sustain"]:
-                ev.emit("layer_vanishing", "warning", float(ratio[i]), p["ratio"],
-                        f"layer {ev.names[i]} grad norm fell to {ratio[i]:.2g}x its "
-                        f"baseline for {s.vanish[i]} records", scope=ev.names[i])
-    s.layers.offer(norms, z, LAYER_REJECT_Z, int(ev.rules["grad_norm_spike"]["patience"]),
-                   int(ev.rules["layer_explosion"]["warmup"]))
+        s.vanish = np.where(low, s.vanish + 1, 0)
+        for i in map(int, np.flatnonzero(s.vanish >= p["sustain"])):
+            ev.emit(
+                "layer_vanishing",
+                "warning",
+                float(ratio[i]),
+                p["ratio"],
+                f"layer {ev.names[i]} grad norm fell to {ratio[i]:.2g}x its "
+                f"baseline for {s.vanish[i]} records",
+                scope=ev.names[i],
+            )
+    s.layers.offer(
+        norms,
+        z,
+        LAYER_REJECT_Z,
+        int(ev.rules["grad_norm_spike"]["patience"]),
+        int(ev.rules["layer_explosion"]["warmup"]),
+    )
+
+
+def _layers_steady(ev: _Eval, norms: np.ndarray) -> bool:
+    """The common case in one pass: every layer warm, finite, positive and within
+    ATTRIBUTION_Z of its baseline (so no explosion, vanishing or deviation can hold; a 10x
+    explosion is >= 17 sigma). Updates the baseline and returns True; False: take the full
+    path."""
+    s, v, ema = ev.s, ev.v, ev.s.layers
+    assert ema is not None
+    if not ema.steady or (v.layer_nonfinite is not None and np.any(v.layer_nonfinite)):
+        return False
+    if not (norms > 0).all() or not np.isfinite(norms).all():
+        return False
+    delta = np.log(norms) - ema.mean
+    z = delta / np.maximum(1.25 * ema.dev, LAYER_SIGMA_FLOOR)
+    if not (np.abs(z) < ATTRIBUTION_Z).all():
+        return False
+    ev.layer_z = z
+    s.dev_start.fill(-1)
+    s.vanish.fill(0)
+    ema.update_steady(delta)
+    return True
 
 
 def _nonfinite(ev: _Eval) -> None:
@@ -254,8 +316,13 @@ def _nonfinite(ev: _Eval) -> None:
     elif v.nonfinite:
         bad.append(f"{v.nonfinite} tensors with NaN/Inf gradients")
     if bad:
-        ev.emit("nonfinite", "critical", float(n_layers or v.nonfinite or 1), None,
-                f"non-finite values at step {v.step}: " + ", ".join(bad))
+        ev.emit(
+            "nonfinite",
+            "critical",
+            float(n_layers or v.nonfinite or 1),
+            None,
+            f"non-finite values at step {v.step}: " + ", ".join(bad),
+        )
 
 
 def _scalar_spike(ev: _Eval, rule: str, window: Window, x: float | None, what: str) -> None:
@@ -264,13 +331,18 @@ def _scalar_spike(ev: _Eval, rule: str, window: Window, x: float | None, what: s
     p = ev.rules[rule]
     z: float | None = None
     if window.ready(int(p["warmup"])) and math.isfinite(x):
-        med, sigma = window.stats(p["rel_floor"], 1e-12)
-        z = (x - med) / sigma
+        z = window.score(x, p["rel_floor"], 1e-12, min(p["reject"], p["warning"]))
         level = _level(z, p)
         if level is not None and ev.on(rule):
-            ev.emit(rule, level[0], x, med + level[1] * sigma,
-                    f"{what} {x:.4g} is {z:.1f} sigma above its baseline {med:.4g} "
-                    f"({x / med if med else math.inf:.2f}x)")
+            med, sigma = window.stats(p["rel_floor"], 1e-12)
+            ev.emit(
+                rule,
+                level[0],
+                x,
+                med + level[1] * sigma,
+                f"{what} {x:.4g} is {z:.1f} sigma above its baseline {med:.4g} "
+                f"({x / med if med else math.inf:.2f}x)",
+            )
     window.offer(x, z, p["reject"], int(p["patience"]))
 
 
@@ -290,9 +362,13 @@ def _growth(ev: _Eval) -> None:
     if run >= p["sustain"] and ev.on("norm_growth"):
         level = _level(factor, p)
         assert level is not None
-        ev.emit("norm_growth", level[0], factor, level[1],
-                f"grad norm has grown {factor:.1f}x over its slow average for {int(run)} "
-                "records")
+        ev.emit(
+            "norm_growth",
+            level[0],
+            factor,
+            level[1],
+            f"grad norm has grown {factor:.1f}x over its slow average for {int(run)} records",
+        )
 
 
 def _updates(ev: _Eval) -> None:
@@ -310,9 +386,13 @@ def _updates(ev: _Eval) -> None:
         i = int(np.argmax(finite))
         level = _level(float(finite[i]), p)
         if level is not None:
-            ev.emit("update_ratio_jump", level[0], float(finite[i]), level[1],
-                    f"update/weight ratio of {ev.names[i]} jumped {finite[i]:.1f}x "
-                    f"(to {u[i]:.3g})")
+            ev.emit(
+                "update_ratio_jump",
+                level[0],
+                float(finite[i]),
+                level[1],
+                f"update/weight ratio of {ev.names[i]} jumped {finite[i]:.1f}x (to {u[i]:.3g})",
+            )
     z = s.updates.score(u, LAYER_SIGMA_FLOOR) if warm else np.zeros(s.n_layers)
     s.updates.offer(u, z, LAYER_REJECT_Z, 3, int(p["warmup"]))
     s.update_records += 1
@@ -333,21 +413,42 @@ def _divergence(ev: _Eval) -> None:
     crit = bool(dropped) and ema >= initial
     warn = n >= p["warmup"] and ema >= (1 + p["margin"]) * low
     run = d.get("run", 0.0) + 1 if (warn or crit) else 0.0
-    ev.s.div = {"n": n, "ema": ema, "initial": initial, "min": low, "dropped": dropped,
-                "run": run, "above": above}
+    ev.s.div = {
+        "n": n,
+        "ema": ema,
+        "initial": initial,
+        "min": low,
+        "dropped": dropped,
+        "run": run,
+        "above": above,
+    }
     if not ev.on("divergence"):
         return
     if above >= p["initial_sustain"]:
-        ev.emit("divergence", "critical", x, (1 + p["initial_margin"]) * initial,
-                f"loss {x:.4g} has stayed above its initial value {initial:.4g} "
-                f"for {int(above)} records")
+        ev.emit(
+            "divergence",
+            "critical",
+            x,
+            (1 + p["initial_margin"]) * initial,
+            f"loss {x:.4g} has stayed above its initial value {initial:.4g} "
+            f"for {int(above)} records",
+        )
     elif run >= p["sustain"] and crit:
-        ev.emit("divergence", "critical", ema, initial,
-                f"loss (EMA {ema:.4g}) is back above its initial value {initial:.4g}")
+        ev.emit(
+            "divergence",
+            "critical",
+            ema,
+            initial,
+            f"loss (EMA {ema:.4g}) is back above its initial value {initial:.4g}",
+        )
     elif run >= p["sustain"]:
-        ev.emit("divergence", "warning", ema, (1 + p["margin"]) * low,
-                f"loss (EMA {ema:.4g}) is trending up: {ema / low:.2f}x its minimum "
-                f"{low:.4g}")
+        ev.emit(
+            "divergence",
+            "warning",
+            ema,
+            (1 + p["margin"]) * low,
+            f"loss (EMA {ema:.4g}) is trending up: {ema / low:.2f}x its minimum {low:.4g}",
+        )
 
 
 def _overflow(ev: _Eval) -> None:
@@ -366,5 +467,10 @@ def _overflow(ev: _Eval) -> None:
     level = _level(rate, p)
     if level is not None:
         scale = f", loss scale {v.loss_scale:g}" if v.loss_scale is not None else ""
-        ev.emit("amp_overflow", level[0], rate, level[1],
-                f"{rate:.0%} of the last {size} steps overflowed{scale}")
+        ev.emit(
+            "amp_overflow",
+            level[0],
+            rate,
+            level[1],
+            f"{rate:.0%} of the last {size} steps overflowed{scale}",
+        )

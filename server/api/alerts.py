@@ -32,8 +32,13 @@ LimitQ = Annotated[int, Query(ge=1, le=1000)]
 
 
 @router.get("/alerts", response_model=AlertList)
-def list_alerts(session: SessionDep, project: str | None = None, run: str | None = None,
-                state: StateQ = "all", limit: LimitQ = 100) -> Response:
+def list_alerts(
+    session: SessionDep,
+    project: str | None = None,
+    run: str | None = None,
+    state: StateQ = "all",
+    limit: LimitQ = 100,
+) -> Response:
     """Alerts, newest first."""
     return WireJSONResponse(alerts.list_alerts(session, project, run, state, limit))
 
@@ -45,15 +50,17 @@ def get_alert(alert_id: int, session: SessionDep, settings: SettingsDep) -> Resp
 
 
 @router.post("/alerts/{alert_id}/ack", response_model=AlertOut)
-def ack_alert(alert_id: int, session: SessionDep,
-              body: Annotated[AckIn | None, Body()] = None) -> Response:
+def ack_alert(
+    alert_id: int, session: SessionDep, body: Annotated[AckIn | None, Body()] = None
+) -> Response:
     """Acknowledge: stops repeat notifications of this alert."""
     return WireJSONResponse(alerts.acknowledge(session, alert_id, body or AckIn()))
 
 
 @router.get("/runs/{run_id}/alerts", response_model=AlertList)
-def run_alerts(run_id: str, session: SessionDep, state: StateQ = "all",
-               limit: LimitQ = 100) -> Response:
+def run_alerts(
+    run_id: str, session: SessionDep, state: StateQ = "all", limit: LimitQ = 100
+) -> Response:
     return WireJSONResponse(alerts.run_alerts(session, run_id, state, limit))
 
 
@@ -87,8 +94,12 @@ def get_rules(project: str, session: SessionDep, settings: SettingsDep) -> Respo
 
 
 @router.put("/projects/{project}/rules", response_model=RulesOut)
-def put_rules(project: str, session: SessionDep, settings: SettingsDep,
-              body: Annotated[dict[str, Any], Body()]) -> Response:
+def put_rules(
+    project: str,
+    session: SessionDep,
+    settings: SettingsDep,
+    body: Annotated[dict[str, Any], Body()],
+) -> Response:
     """Replace the project's overrides: ``{rule: {parameter: value}}``."""
     return WireJSONResponse(alerts.put_rules(session, project, body, settings))
 
@@ -98,8 +109,12 @@ def list_receivers(session: SessionDep, project: str | None = None) -> Response:
     return WireJSONResponse(alerts.list_receivers(session, project))
 
 
-@router.post("/receivers", response_model=ReceiverOut, status_code=201,
-             responses={200: {"model": ReceiverOut, "description": "Replaced by name"}})
+@router.post(
+    "/receivers",
+    response_model=ReceiverOut,
+    status_code=201,
+    responses={200: {"model": ReceiverOut, "description": "Replaced by name"}},
+)
 def put_receiver(body: ReceiverIn, session: SessionDep) -> Response:
     """Create a receiver (webhook, slack, email, alertmanager), or replace it by name."""
     out, created = alerts.upsert_receiver(session, body)
@@ -114,7 +129,9 @@ def delete_receiver(receiver_id: int, session: SessionDep) -> Response:
 
 @router.get("/notifications", response_model=NotificationList)
 def list_notifications(
-    session: SessionDep, alert: int | None = None, receiver: str | None = None,
+    session: SessionDep,
+    alert: int | None = None,
+    receiver: str | None = None,
     status: Annotated[Literal["pending", "sent", "failed"] | None, Query()] = None,
     limit: LimitQ = 100,
 ) -> Response:

@@ -49,15 +49,21 @@ def _view(s: StepIn) -> StepView:
     if s.layer_param_norms is not None and s.layer_update_norms is not None:
         ratios = update_ratio(s.layer_update_norms, s.layer_param_norms)
     return StepView(
-        step=s.step, loss=s.loss, grad_norm=s.grad_norm, nonfinite=s.nonfinite,
-        overflow=s.overflow, loss_scale=s.loss_scale,
+        step=s.step,
+        loss=s.loss,
+        grad_norm=s.grad_norm,
+        nonfinite=s.nonfinite,
+        overflow=s.overflow,
+        loss_scale=s.loss_scale,
         layer_grad_norms=None if s.layer_grad_norms is None else np.asarray(s.layer_grad_norms),
         layer_nonfinite=None if s.layer_nonfinite is None else np.asarray(s.layer_nonfinite),
-        update_ratios=ratios)
+        update_ratios=ratios,
+    )
 
 
-def analyze_ingested(session: Session, run: Run, steps: Sequence[StepIn],
-                     settings: Settings) -> list[int]:
+def analyze_ingested(
+    session: Session, run: Run, steps: Sequence[StepIn], settings: Settings
+) -> list[int]:
     """Run the detectors over a just-stored batch, in the ingest transaction.
 
     Steps at or before the last analysed step (replays, retries, late batches) are skipped,
@@ -84,17 +90,22 @@ def analyze_ingested(session: Session, run: Run, steps: Sequence[StepIn],
 
 # -- queries ------------------------------------------------------------------------------
 
+
 def _rows(session: Session, query: Any) -> list[AlertOut]:
     return [alert_out(a, p, r) for a, p, r in session.execute(query).all()]
 
 
 def _base() -> Any:
-    return (select(Alert, Project.name, Run.id).join(Project, Project.id == Alert.project_id)
-            .join(Run, Run.pk == Alert.run_pk))
+    return (
+        select(Alert, Project.name, Run.id)
+        .join(Project, Project.id == Alert.project_id)
+        .join(Run, Run.pk == Alert.run_pk)
+    )
 
 
-def list_alerts(session: Session, project: str | None, run: str | None, state: str,
-                limit: int) -> AlertList:
+def list_alerts(
+    session: Session, project: str | None, run: str | None, state: str, limit: int
+) -> AlertList:
     query = _base()
     if project is not None:
         query = query.where(Project.name == project)
@@ -121,8 +132,10 @@ def _get(session: Session, alert_id: int) -> tuple[Alert, str, str]:
 def get_alert(session: Session, alert_id: int, settings: Settings) -> AlertDetail:
     alert, project, run_id = _get(session, alert_id)
     out = alert_out(alert, project, run_id)
-    return AlertDetail(**out.model_dump(), forensics=forensics(session, alert, run_id,
-                                                                settings.alert_forensics_steps))
+    return AlertDetail(
+        **out.model_dump(),
+        forensics=forensics(session, alert, run_id, settings.alert_forensics_steps),
+    )
 
 
 def forensics(session: Session, alert: Alert, run_id: str, k: int) -> dict[str, Any]:
@@ -133,9 +146,14 @@ def forensics(session: Session, alert: Alert, run_id: str, k: int) -> dict[str, 
     """
     run = session.get(Run, alert.run_pk)
     assert run is not None
-    steps = session.scalars(select(Step).where(
-        Step.run_pk == alert.run_pk, Step.step >= alert.step - k,
-        Step.step <= alert.step + k).order_by(Step.step).limit(4 * k + 2)).all()
+    steps = session.scalars(
+        select(Step)
+        .where(
+            Step.run_pk == alert.run_pk, Step.step >= alert.step - k, Step.step <= alert.step + k
+        )
+        .order_by(Step.step)
+        .limit(4 * k + 2)
+    ).all()
     names = [entry["layer"] for entry in alert.layers]
     if alert.first_layer and alert.first_layer not in names:
         names.append(alert.first_layer)
@@ -146,19 +164,32 @@ def forensics(session: Session, alert: Alert, run_id: str, k: int) -> dict[str, 
     per_layer: dict[str, dict[str, list[Any]]] = {}
     lo, hi = alert.step - k, alert.step + k
     for metric in ("grad_norm", "update_ratio"):
-        rows = session.execute(select(LayerValues.step, LayerValues.values).where(
-            LayerValues.run_pk == alert.run_pk, LayerValues.metric == metric,
-            LayerValues.step >= lo, LayerValues.step <= hi).order_by(LayerValues.step)).all()
+        rows = session.execute(
+            select(LayerValues.step, LayerValues.values)
+            .where(
+                LayerValues.run_pk == alert.run_pk,
+                LayerValues.metric == metric,
+                LayerValues.step >= lo,
+                LayerValues.step <= hi,
+            )
+            .order_by(LayerValues.step)
+        ).all()
         per_layer[metric] = {
             "step": [r[0] for r in rows],
             **{run.layers[i]: [float(r[1][i]) for r in rows] for i in picked},
         }
     return {
-        "window": [lo, hi], "alert_step": alert.step, "layers": [run.layers[i] for i in picked],
-        "step": [s.step for s in steps], "loss": [s.loss for s in steps],
-        "lr": [s.lr for s in steps], "grad_norm": [s.grad_norm for s in steps],
-        "loss_scale": [s.loss_scale for s in steps], "overflow": [s.overflow for s in steps],
-        "layer_grad_norms": per_layer["grad_norm"], "update_ratios": per_layer["update_ratio"],
+        "window": [lo, hi],
+        "alert_step": alert.step,
+        "layers": [run.layers[i] for i in picked],
+        "step": [s.step for s in steps],
+        "loss": [s.loss for s in steps],
+        "lr": [s.lr for s in steps],
+        "grad_norm": [s.grad_norm for s in steps],
+        "loss_scale": [s.loss_scale for s in steps],
+        "overflow": [s.overflow for s in steps],
+        "layer_grad_norms": per_layer["grad_norm"],
+        "update_ratios": per_layer["update_ratio"],
     }
 
 
@@ -173,6 +204,7 @@ def acknowledge(session: Session, alert_id: int, body: AckIn) -> AlertOut:
 
 # -- silences -----------------------------------------------------------------------------
 
+
 def _project(session: Session, name: str) -> Project:
     project = session.scalar(select(Project).where(Project.name == name))
     if project is None:
@@ -181,9 +213,19 @@ def _project(session: Session, name: str) -> Project:
 
 
 def _silence_out(s: Silence, project: str) -> SilenceOut:
-    return SilenceOut(id=s.id, project=project, run=s.run, rule=s.rule, starts_at=s.starts_at,
-                      ends_at=s.ends_at, step_from=s.step_from, step_to=s.step_to,
-                      comment=s.comment, created_by=s.created_by, created_at=s.created_at)
+    return SilenceOut(
+        id=s.id,
+        project=project,
+        run=s.run,
+        rule=s.rule,
+        starts_at=s.starts_at,
+        ends_at=s.ends_at,
+        step_from=s.step_from,
+        step_to=s.step_to,
+        comment=s.comment,
+        created_by=s.created_by,
+        created_at=s.created_at,
+    )
 
 
 def list_silences(session: Session, project: str | None) -> SilenceList:
@@ -196,9 +238,17 @@ def list_silences(session: Session, project: str | None) -> SilenceList:
 
 def create_silence(session: Session, body: SilenceIn) -> SilenceOut:
     project = _project(session, body.project)
-    silence = Silence(project_id=project.id, run=body.run, rule=body.rule,
-                      starts_at=body.starts_at, ends_at=body.ends_at, step_from=body.step_from,
-                      step_to=body.step_to, comment=body.comment, created_by=body.created_by)
+    silence = Silence(
+        project_id=project.id,
+        run=body.run,
+        rule=body.rule,
+        starts_at=body.starts_at,
+        ends_at=body.ends_at,
+        step_from=body.step_from,
+        step_to=body.step_to,
+        comment=body.comment,
+        created_by=body.created_by,
+    )
     session.add(silence)
     session.commit()
     return _silence_out(silence, project.name)
@@ -212,14 +262,14 @@ def delete_silence(session: Session, silence_id: int) -> None:
 
 # -- rules --------------------------------------------------------------------------------
 
+
 def get_rules(session: Session, project: str, settings: Settings) -> RulesOut:
     p = _project(session, project)
     rules, overrides = effective_rules(session, p.id, p.name, settings)
     return RulesOut(project=p.name, rules=rules, overrides=overrides)
 
 
-def put_rules(session: Session, project: str, body: dict[str, Any],
-              settings: Settings) -> RulesOut:
+def put_rules(session: Session, project: str, body: dict[str, Any], settings: Settings) -> RulesOut:
     """Replace the project's overrides (an empty object restores the defaults)."""
     p = _project(session, project)
     try:
@@ -237,14 +287,27 @@ def put_rules(session: Session, project: str, body: dict[str, Any],
 
 # -- receivers and deliveries -------------------------------------------------------------
 
+
 def _receiver_out(session: Session, r: Receiver, project: str | None) -> ReceiverOut:
-    counts = dict(session.execute(select(Notification.status, func.count()).where(
-        Notification.receiver_id == r.id).group_by(Notification.status)).all())
-    return ReceiverOut(id=r.id, name=r.name, kind=r.kind, project=project, url=r.url,
-                       config=r.config, send_resolved=r.send_resolved,
-                       min_severity=r.min_severity, created_at=r.created_at,
-                       deliveries={k: int(counts.get(k, 0)) for k in ("pending", "sent",
-                                                                      "failed")})
+    counts = dict(
+        session.execute(
+            select(Notification.status, func.count())
+            .where(Notification.receiver_id == r.id)
+            .group_by(Notification.status)
+        ).all()
+    )
+    return ReceiverOut(
+        id=r.id,
+        name=r.name,
+        kind=r.kind,
+        project=project,
+        url=r.url,
+        config=r.config,
+        send_resolved=r.send_resolved,
+        min_severity=r.min_severity,
+        created_at=r.created_at,
+        deliveries={k: int(counts.get(k, 0)) for k in ("pending", "sent", "failed")},
+    )
 
 
 def list_receivers(session: Session, project: str | None) -> ReceiverList:
@@ -287,10 +350,10 @@ def delete_receiver(session: Session, receiver_id: int) -> None:
     session.commit()
 
 
-def list_notifications(session: Session, alert_id: int | None, receiver: str | None,
-                       status: str | None, limit: int) -> NotificationList:
-    query = select(Notification, Receiver).join(Receiver,
-                                                Receiver.id == Notification.receiver_id)
+def list_notifications(
+    session: Session, alert_id: int | None, receiver: str | None, status: str | None, limit: int
+) -> NotificationList:
+    query = select(Notification, Receiver).join(Receiver, Receiver.id == Notification.receiver_id)
     if alert_id is not None:
         query = query.where(Notification.alert_id == alert_id)
     if receiver is not None:
@@ -298,20 +361,38 @@ def list_notifications(session: Session, alert_id: int | None, receiver: str | N
     if status is not None:
         query = query.where(Notification.status == status)
     rows = session.execute(query.order_by(Notification.id.desc()).limit(limit)).all()
-    return NotificationList(notifications=[NotificationOut(
-        id=n.id, alert_id=n.alert_id, receiver=r.name, kind=r.kind, event=n.event,
-        status=n.status, attempts=n.attempts, next_attempt_at=n.next_attempt_at,  # type: ignore[arg-type]
-        last_error=n.last_error, created_at=n.created_at, sent_at=n.sent_at) for n, r in rows])
+    return NotificationList(
+        notifications=[
+            NotificationOut(
+                id=n.id,
+                alert_id=n.alert_id,
+                receiver=r.name,
+                kind=r.kind,
+                event=n.event,
+                status=n.status,  # type: ignore[arg-type]
+                attempts=n.attempts,
+                next_attempt_at=n.next_attempt_at,
+                last_error=n.last_error,
+                created_at=n.created_at,
+                sent_at=n.sent_at,
+            )
+            for n, r in rows
+        ]
+    )
 
 
 # -- periodic checks (delivery worker) ----------------------------------------------------
+
 
 def check_stalled(session: Session, settings: Settings) -> int:
     """Fire ``stalled`` for runs with no data for ``after_s`` (one transaction per run)."""
     now = utcnow()
     fired = 0
-    candidates = session.execute(select(Run.pk, Run.project_id, Run.updated_at).where(
-        Run.status == "running", Run.last_step.is_not(None))).all()
+    candidates = session.execute(
+        select(Run.pk, Run.project_id, Run.updated_at).where(
+            Run.status == "running", Run.last_step.is_not(None)
+        )
+    ).all()
     session.rollback()
     for run_pk, project_id, updated_at in candidates:
         project = project_name(session, project_id)
@@ -330,8 +411,17 @@ def check_stalled(session: Session, settings: Settings) -> int:
             continue
         life = Lifecycle(session, run, project, rules, (state.state or {}).get("lifecycle"))
         step = run.last_step or 0
-        life.fire(Signal("stalled", "run", "warning", step, idle, p["after_s"],
-                         f"no data for {idle:.0f} s (last step {step})"))
+        life.fire(
+            Signal(
+                "stalled",
+                "run",
+                "warning",
+                step,
+                idle,
+                p["after_s"],
+                f"no data for {idle:.0f} s (last step {step})",
+            )
+        )
         state.state = {**(state.state or {}), "lifecycle": life.to_json()}
         fired += len(life.raised)
         session.commit()
@@ -341,10 +431,18 @@ def check_stalled(session: Session, settings: Settings) -> int:
 def repeat_due(session: Session, settings: Settings) -> int:
     """Re-notify firing, unacknowledged, unmuted alerts every repeat interval."""
     cutoff = utcnow() - timedelta(seconds=settings.alert_repeat_interval_s)
-    alerts = session.scalars(select(Alert).where(
-        Alert.state == "firing", Alert.acknowledged_at.is_(None), Alert.silenced.is_(False),
-        Alert.inhibited.is_(False), Alert.last_notified_at < cutoff,
-    ).with_for_update(skip_locked=True).limit(100)).all()
+    alerts = session.scalars(
+        select(Alert)
+        .where(
+            Alert.state == "firing",
+            Alert.acknowledged_at.is_(None),
+            Alert.silenced.is_(False),
+            Alert.inhibited.is_(False),
+            Alert.last_notified_at < cutoff,
+        )
+        .with_for_update(skip_locked=True)
+        .limit(100)
+    ).all()
     for alert in alerts:
         run = session.get(Run, alert.run_pk)
         assert run is not None
@@ -361,5 +459,3 @@ def sync_config_receivers(session: Session, settings: Settings) -> None:
 
     for spec in load_config(settings.alert_rules_file).receivers:
         upsert_receiver(session, ReceiverIn.model_validate(spec))
-
-

@@ -23,8 +23,12 @@ from server.migrate import upgrade
 from server.settings import Settings
 from tests.conftest import PG_ADMIN_URL, Collector, _pg_url, free_port, serve_in_thread
 
-FAST = {"alert_retry_base_s": 0.1, "alert_retry_max_s": 0.4, "alert_poll_interval_s": 0.05,
-        "alert_scheduler_interval_s": 0.3}
+FAST = {
+    "alert_retry_base_s": 0.1,
+    "alert_retry_max_s": 0.4,
+    "alert_poll_interval_s": 0.05,
+    "alert_scheduler_interval_s": 0.3,
+}
 
 
 @pytest.fixture(scope="session")
@@ -44,8 +48,9 @@ def alerts_pg() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session", params=["sqlite", "postgres"])
-def alert_collector(request: pytest.FixtureRequest, alerts_pg: str,
-                    tmp_path_factory: pytest.TempPathFactory) -> Iterator[Collector]:
+def alert_collector(
+    request: pytest.FixtureRequest, alerts_pg: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Collector]:
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path_factory.mktemp('alerts') / 'a.db'}"
         upgrade(url)
@@ -140,9 +145,16 @@ def healthy(start: int, stop: int, seed: int = 0) -> list[dict[str, Any]]:
     for i in range(start, stop):
         wobble = 1 + 0.02 * math.sin(1.7 * i + seed)
         norms = [0.5 * wobble, 1.0 * wobble, 2.0 * wobble, 0.25 * wobble]
-        out.append({"step": i, "loss": (3.0 * math.exp(-i / 200) + 1.0) * wobble, "lr": 1e-3,
-                    "grad_norm": math.sqrt(sum(n * n for n in norms)),
-                    "layer_grad_norms": norms, "layer_nonfinite": [0, 0, 0, 0]})
+        out.append(
+            {
+                "step": i,
+                "loss": (3.0 * math.exp(-i / 200) + 1.0) * wobble,
+                "lr": 1e-3,
+                "grad_norm": math.sqrt(sum(n * n for n in norms)),
+                "layer_grad_norms": norms,
+                "layer_nonfinite": [0, 0, 0, 0],
+            }
+        )
     return out
 
 

@@ -84,8 +84,15 @@ def test_nonfinite_is_critical_and_inhibits_spikes(api: httpx.Client) -> None:
 
 def test_silence_by_step_range(api: httpx.Client) -> None:
     run_id = create_run(api, layers=LAYERS, project="silenced")
-    body = {"project": "silenced", "run": run_id, "rule": None, "step_from": 0, "step_to": 100,
-            "comment": "warm-up after resume", "created_by": "ana"}
+    body = {
+        "project": "silenced",
+        "run": run_id,
+        "rule": None,
+        "step_from": 0,
+        "step_to": 100,
+        "comment": "warm-up after resume",
+        "created_by": "ana",
+    }
     created = api.post("/api/v1/silences", json=body)
     assert created.status_code == 201, created.text
     silence = created.json()
@@ -101,8 +108,10 @@ def test_silence_by_step_range(api: httpx.Client) -> None:
 
 def test_rules_per_project_over_rest(api: httpx.Client) -> None:
     run_id = create_run(api, layers=LAYERS, project="quiet")
-    put = api.put("/api/v1/projects/quiet/rules",
-                  json={"grad_norm_spike": {"enabled": False}, "layer_explosion": {"enabled": 0}})
+    put = api.put(
+        "/api/v1/projects/quiet/rules",
+        json={"grad_norm_spike": {"enabled": False}, "layer_explosion": {"enabled": 0}},
+    )
     assert put.status_code == 200, put.text
     assert put.json()["rules"]["grad_norm_spike"]["enabled"] == 0.0
     assert put.json()["rules"]["loss_spike"]["warning"] == 6.0  # defaults stay in force
@@ -110,7 +119,9 @@ def test_rules_per_project_over_rest(api: httpx.Client) -> None:
     post_steps(api, run_id, h1_blowup(60)).raise_for_status()
     assert {a["rule"] for a in alerts_of(api, run_id)} == set()
     assert api.get("/api/v1/projects/quiet/rules").json()["overrides"] == {
-        "grad_norm_spike": {"enabled": 0.0}, "layer_explosion": {"enabled": 0.0}}
+        "grad_norm_spike": {"enabled": 0.0},
+        "layer_explosion": {"enabled": 0.0},
+    }
 
 
 def test_bad_alert_requests_are_clear_4xx(api: httpx.Client) -> None:
@@ -129,8 +140,12 @@ def test_bad_alert_requests_are_clear_4xx(api: httpx.Client) -> None:
     for resp in cases:
         assert resp.status_code == 422, resp.text
         assert resp.json()["error"] and resp.json()["detail"]
-    for resp in (api.get("/api/v1/alerts/999999"), api.post("/api/v1/alerts/999999/ack"),
-                 api.get("/api/v1/projects/nope/rules"), api.get("/api/v1/runs/nope/alerts"),
-                 api.post("/api/v1/silences", json={"project": "nope"})):
+    for resp in (
+        api.get("/api/v1/alerts/999999"),
+        api.post("/api/v1/alerts/999999/ack"),
+        api.get("/api/v1/projects/nope/rules"),
+        api.get("/api/v1/runs/nope/alerts"),
+        api.post("/api/v1/silences", json={"project": "nope"}),
+    ):
         assert resp.status_code == 404, resp.text
     assert api.get("/api/v1/silences", params={"project": "bad"}).json() == {"silences": []}

@@ -33,8 +33,9 @@ receivers:
 """)
     url = f"sqlite:///{tmp_path / 'y.db'}"
     upgrade(url)
-    settings = Settings(database_url=url, alert_rules_file=rules,
-                        **{**FAST, "alert_repeat_interval_s": 0.6})
+    settings = Settings(
+        database_url=url, alert_rules_file=rules, **{**FAST, "alert_repeat_interval_s": 0.6}
+    )
     base, server, thread = serve_in_thread(settings)
     with httpx.Client(base_url=base, timeout=30) as client:
         yield client
@@ -42,8 +43,9 @@ receivers:
     thread.join(timeout=10)
 
 
-def test_yaml_rules_receivers_repeat_and_ack(yaml_collector: httpx.Client,
-                                             http_receiver: HttpReceiver) -> None:
+def test_yaml_rules_receivers_repeat_and_ack(
+    yaml_collector: httpx.Client, http_receiver: HttpReceiver
+) -> None:
     api = yaml_collector
     run_id = create_run(api, layers=LAYERS, project="yamlproj")
     rules = api.get("/api/v1/projects/yamlproj/rules").json()
@@ -68,9 +70,11 @@ def test_yaml_rules_receivers_repeat_and_ack(yaml_collector: httpx.Client,
 
 def test_a_bad_rules_file_fails_fast(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
-    for text, message in [("rules: [1, 2", "not valid YAML"),
-                          ("rules: {loss_spike: {warnin: 3}}", "unknown parameter"),
-                          ("rulez: {}", "unknown keys")]:
+    for text, message in [
+        ("rules: [1, 2", "not valid YAML"),
+        ("rules: {loss_spike: {warnin: 3}}", "unknown parameter"),
+        ("rulez: {}", "unknown keys"),
+    ]:
         bad.write_text(text)
         with pytest.raises(ValidationError, match=message):
             Settings(database_url="sqlite:///x.db", alert_rules_file=bad)
@@ -82,8 +86,9 @@ def test_a_bad_rules_file_fails_fast(tmp_path: Path) -> None:
 def test_stalled_run_fires_then_resolves_when_data_returns(api: httpx.Client) -> None:
     project = f"stall-{time.monotonic_ns()}"
     run_id = create_run(api, layers=LAYERS, project=project)
-    api.put(f"/api/v1/projects/{project}/rules",
-            json={"stalled": {"after_s": 1}}).raise_for_status()
+    api.put(
+        f"/api/v1/projects/{project}/rules", json={"stalled": {"after_s": 1}}
+    ).raise_for_status()
     post_steps(api, run_id, healthy(0, 5)).raise_for_status()
 
     def stalled() -> list[dict[str, object]]:
