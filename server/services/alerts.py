@@ -35,7 +35,7 @@ from server.alerts.schemas import (
     SilenceOut,
 )
 from server.analysis.ratios import update_ratio
-from server.analysis.rules import RuleError, validate
+from server.analysis.rules import RuleError, Rules, validate
 from server.analysis.spikes import RunAnalysis, Signal, StepView, evaluate
 from server.models import LayerValues, Project, Run, Step, utcnow
 from server.models_alerts import Alert, Notification, ProjectRules, Receiver, Silence
@@ -388,21 +388,30 @@ def check_stalled(session: Session, settings: Settings) -> int:
     """Fire ``stalled`` for runs with no data for ``after_s`` (one transaction per run)."""
     now = utcnow()
     fired = 0
+    firing = select(Alert.run_pk).where(Alert.rule == "stalled", Alert.state == "firing")
     candidates = session.execute(
         select(Run.pk, Run.project_id, Run.updated_at).where(
-            Run.status == "running", Run.last_step.is_not(None)
+            Run.status == "running",
+            Run.last_step.is_not(None),
+            Run.updated_at < now - timedelta(seconds=1),
+            Run.pk.not_in(firing),
         )
     ).all()
     session.rollback()
+    per_project: dict[int, tuple[str, Rules]] = {}
     for run_pk, project_id, updated_at in candidates:
-        project = project_name(session, project_id)
-        rules, _ = effective_rules(session, project_id, project, settings)
+        if project_id not in per_project:
+            name = project_name(session, project_id)
+            per_project[project_id] = (
+                name,
+                effective_rules(session, project_id, name, settings)[0],
+            )
+        project, rules = per_project[project_id]
         p = rules["stalled"]
         if updated_at.tzinfo is None:
             updated_at = updated_at.replace(tzinfo=now.tzinfo)
         idle = (now - updated_at).total_seconds()
         if not p["enabled"] or idle < p["after_s"] or idle > p["max_age_s"]:
-            session.rollback()
             continue
         state = lock_state(session, run_pk, skip_locked=True)
         run = session.get(Run, run_pk)
