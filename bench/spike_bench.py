@@ -6,7 +6,8 @@ entropy rate is known (``client_hooks.demo.markov_batches``), streaming through 
 client hooks into a real collector (uvicorn in this process, SQLite by default), which runs
 the detectors with their default rules. Scenarios (onset step in brackets):
 
-- healthy (3 seeds) and qk-norm at a 3x higher learning rate (2 seeds): negative controls;
+- healthy (3 seeds), healthy with batch 4 (noisier; 2 seeds) and qk-norm at a 3x higher
+  learning rate (2 seeds): negative controls;
 - bad batch [150]: one batch of uniformly random tokens;
 - lr spike [150]: the learning rate x30 for 3 steps;
 - overflow [150]: AMP GradScaler on CPU; gradients overflow for 30 steps (loss scale collapses);
@@ -23,7 +24,7 @@ Latency: ``TRIALS`` times, a run gets 60 healthy steps, then a batch with a grad
 POSTed; the time from sending it to the webhook receiver having the notification is
 recorded, against the plain ingest round trip of the same request (the baseline).
 
-    PYTHONPATH=. python bench/spike_bench.py [--steps 300] [--database-url URL]
+    PYTHONPATH=. python bench/spike_bench.py [--steps 260] [--database-url URL]
 """
 
 from __future__ import annotations
@@ -129,6 +130,7 @@ class Scenario:
 
 SCENARIOS = (
     [Scenario(f"healthy-s{s}", None, "healthy", s) for s in range(3)]
+    + [Scenario(f"healthy-b4-s{s}", None, "healthy-b4", s) for s in range(2)]
     + [Scenario(f"qknorm-s{s}", None, "qknorm", s) for s in range(2)]
     + [
         Scenario(f"{k}-s{s}", onset, k, s)
@@ -166,18 +168,19 @@ def train(sc: Scenario, server: str, steps: int, project: str) -> tuple[str, lis
         if sc.kind == "overflow"
         else None
     )
+    batch = 4 if sc.kind == "healthy-b4" else BATCH
     mon = client_hooks.watch(
         model,
         opt,
         project=project,
         run=f"{project}-{sc.name}",
         server=server,
-        batch_size=BATCH,
+        batch_size=batch,
         flush_interval=0.1,
         scaler=scaler,
         spool=False,
     )
-    data = markov_batches(VOCAB, SEQ, BATCH, seed=0)
+    data = markov_batches(VOCAB, SEQ, batch, seed=0)
     gen = torch.Generator().manual_seed(1000 + sc.seed)
     losses: list[float] = []
     for step in range(steps):
@@ -327,7 +330,7 @@ def latency(api: httpx.Client, receiver: Receiver, project: str) -> dict[str, fl
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=260)
     parser.add_argument("--database-url", default=None)
     parser.add_argument("--only", default=None, help="comma-separated scenario kinds")
     args = parser.parse_args(argv)
