@@ -109,7 +109,13 @@ class AlertWorker:
                 )
             }
             session.commit()
+        started = time.monotonic()
         for (receiver_id, _run), items in groups.items():
+            if time.monotonic() - started > LEASE_S / 2:
+                # Slow receivers ate half the lease: hand the rest back rather than risk
+                # another process claiming them while we still send (a double delivery).
+                self._release([i for i, _, _ in items])
+                continue
             kind, name, url, config = receivers[receiver_id]
             error = None
             # One entry per alert, its latest snapshot (as an Alertmanager group shows it):
@@ -124,6 +130,12 @@ class AlertWorker:
                 log.warning("notification to %s failed: %s", name, error)
             self._settle(items, error)
         return len(rows)
+
+    def _release(self, ids: list[int]) -> None:
+        with self.factory() as session:
+            for row in session.scalars(select(Notification).where(Notification.id.in_(ids))):
+                row.lease_until = None
+            session.commit()
 
     def _settle(self, items: list[tuple[int, dict[str, Any], datetime]], error: str | None) -> None:
         s = self.settings
