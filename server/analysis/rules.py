@@ -43,7 +43,7 @@ DEFAULT_RULES: Rules = {
     },
     # Per-layer grad norm against its own log-EMA baseline: ratio to the baseline level.
     "layer_explosion": {**_COMMON, "warning": 10.0, "critical": 100.0, "warmup": 20.0},
-    "layer_vanishing": {**_COMMON, "enabled": 0.0, "ratio": 1e-3, "sustain": 5.0, "warmup": 20.0},
+    "layer_vanishing": {**_COMMON, "ratio": 1e-3, "sustain": 5.0, "warmup": 20.0},
     # Short vs long EMA of log grad norm: growth factor sustained for `sustain` records.
     "norm_growth": {**_COMMON, "warning": 3.0, "critical": 10.0, "sustain": 20.0, "warmup": 50.0},
     # Per-layer update/weight ratio (sampled every K steps) against its own baseline.

@@ -149,3 +149,31 @@ def test_bad_alert_requests_are_clear_4xx(api: httpx.Client) -> None:
     ):
         assert resp.status_code == 404, resp.text
     assert api.get("/api/v1/silences", params={"project": "bad"}).json() == {"silences": []}
+
+
+def test_silence_by_time_window_and_rule(api: httpx.Client) -> None:
+    from datetime import datetime, timedelta, timezone
+
+    now = datetime.now(timezone.utc)
+    run_id = create_run(api, layers=LAYERS, project="timed")
+    expired = {
+        "project": "timed",
+        "rule": "layer_explosion",
+        "comment": "over",
+        "starts_at": (now - timedelta(hours=2)).isoformat(),
+        "ends_at": (now - timedelta(hours=1)).isoformat(),
+    }
+    active = {
+        "project": "timed",
+        "run": run_id,
+        "rule": "grad_norm_spike",
+        "comment": "known bad shard",
+        "starts_at": (now - timedelta(minutes=1)).isoformat(),
+        "ends_at": (now + timedelta(hours=1)).isoformat(),
+    }
+    for body in (expired, active):
+        assert api.post("/api/v1/silences", json=body).status_code == 201
+    post_steps(api, run_id, healthy(0, 60)).raise_for_status()
+    post_steps(api, run_id, h1_blowup(60)).raise_for_status()
+    found = {a["rule"]: a["silenced"] for a in alerts_of(api, run_id)}
+    assert found == {"grad_norm_spike": True, "layer_explosion": False}

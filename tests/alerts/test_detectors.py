@@ -216,3 +216,17 @@ def test_window_median_and_mad_match_numpy(values: list[float]) -> None:
     got_med, sigma = w.stats(0.0, 0.0)
     assert got_med == med
     assert math.isclose(sigma, MAD_TO_SIGMA * mad, rel_tol=1e-9, abs_tol=1e-9)
+
+
+def test_a_layer_whose_gradient_dies_raises_vanishing_for_that_layer() -> None:
+    state = fresh()
+    feed(state, [view(i, 2.0, 1.0) for i in range(40)])
+    signals: list[Signal] = []
+    for i in range(40, 50):
+        norms = np.array([0.5, 0.0, 2.0, 0.25])  # h0 stops receiving gradient
+        signals += evaluate(
+            state, StepView(step=i, loss=2.0, grad_norm=1.0, layer_grad_norms=norms), RULES, LAYERS
+        )
+    vanishing = [s for s in signals if s.rule == "layer_vanishing"]
+    assert {s.scope for s in vanishing} == {"h0"}
+    assert vanishing[0].step == 44  # after `sustain` = 5 records
