@@ -468,3 +468,16 @@ def sync_config_receivers(session: Session, settings: Settings) -> None:
 
     for spec in load_config(settings.alert_rules_file).receivers:
         upsert_receiver(session, ReceiverIn.model_validate(spec))
+
+
+def firing_counts(session: Session) -> list[tuple[str, str, str, int]]:
+    """(project, rule, severity, number of firing alerts): for a Prometheus gauge
+    ``gradsentry_alerts_firing{project,rule,severity}`` computed at scrape time."""
+    rows = session.execute(
+        select(Project.name, Alert.rule, Alert.severity, func.count())
+        .join(Project, Project.id == Alert.project_id)
+        .where(Alert.state == "firing")
+        .group_by(Project.name, Alert.rule, Alert.severity)
+        .order_by(Project.name, Alert.rule, Alert.severity)
+    ).all()
+    return [(p, r, s, int(n)) for p, r, s, n in rows]

@@ -177,3 +177,18 @@ def test_silence_by_time_window_and_rule(api: httpx.Client) -> None:
     post_steps(api, run_id, h1_blowup(60)).raise_for_status()
     found = {a["rule"]: a["silenced"] for a in alerts_of(api, run_id)}
     assert found == {"grad_norm_spike": True, "layer_explosion": False}
+
+
+def test_firing_counts_for_prometheus(api: httpx.Client, alert_collector: Any) -> None:
+    from sqlalchemy.orm import Session
+
+    from server.db import make_engine
+    from server.services.alerts import firing_counts
+
+    run_with(api, healthy(0, 60), h1_blowup(60), project="gauges")
+    engine = make_engine(alert_collector.settings.database_url)
+    with Session(engine) as session:
+        counts = [c for c in firing_counts(session) if c[0] == "gauges"]
+    engine.dispose()
+    assert ("gauges", "grad_norm_spike", "critical", 1) in counts
+    assert all(n >= 1 for *_, n in counts)
