@@ -3,6 +3,7 @@ receivers, delivery status, and the periodic stalled-run and repeat checks."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
@@ -43,6 +44,8 @@ from server.schemas import StepIn
 from server.services.runs import get_run
 from server.settings import Settings
 
+log = logging.getLogger("gradsentry.alerts")
+
 
 def _view(s: StepIn) -> StepView:
     ratios = None
@@ -69,6 +72,10 @@ def analyze_ingested(
     Steps at or before the last analysed step (replays, retries, late batches) are skipped,
     so each step is analysed once whichever collector process receives it.
     Returns the ids of the alerts fired.
+
+    The detectors (pure) run over the whole batch before any alert is written: should one
+    of them fail, the batch is stored anyway, its steps are left unanalysed and the error
+    is logged, rather than the client's data being refused.
     """
     state = lock_state(session, run.pk)
     assert state is not None
@@ -76,12 +83,22 @@ def analyze_ingested(
     rules, _ = effective_rules(session, run.project_id, project, settings)
     saved = state.state or {}
     analysis = RunAnalysis.from_json(saved.get("analysis"), len(run.layers), rules)
-    life = Lifecycle(session, run, project, rules, saved.get("lifecycle"))
     fresh = sorted((s for s in steps if s.step > analysis.last_step), key=lambda s: s.step)
+    try:
+        found = [(s.step, evaluate(analysis, _view(s), rules, run.layers)) for s in fresh]
+    except Exception:
+        log.exception(
+            "detectors failed on run %s; steps %s-%s left unanalysed",
+            run.id,
+            fresh[0].step,
+            fresh[-1].step,
+        )
+        return []
+    life = Lifecycle(session, run, project, rules, saved.get("lifecycle"))
     if fresh:
         life.data_arrived(fresh[0].step)
-    for s in fresh:
-        life.apply(s.step, evaluate(analysis, _view(s), rules, run.layers))
+    for step, signals in found:
+        life.apply(step, signals)
     state.state = {"analysis": analysis.to_json(), "lifecycle": life.to_json()}
     state.last_step = analysis.last_step
     state.updated_at = utcnow()

@@ -192,3 +192,24 @@ def test_firing_counts_for_prometheus(api: httpx.Client, alert_collector: Any) -
     engine.dispose()
     assert ("gauges", "grad_norm_spike", "critical", 1) in counts
     assert all(n >= 1 for *_, n in counts)
+
+
+def test_a_failing_detector_never_costs_the_client_its_data(
+    api: httpx.Client, monkeypatch: Any, caplog: Any
+) -> None:
+    from server.services import alerts as service
+
+    def broken(*_args: Any, **_kwargs: Any) -> Any:
+        raise RuntimeError("detector bug")
+
+    run_id = create_run(api, layers=LAYERS, project="robust")
+    monkeypatch.setattr(service, "evaluate", broken)
+    resp = post_steps(api, run_id, healthy(0, 30))
+    assert resp.status_code == 200 and resp.json()["accepted"] == 30
+    assert api.get(f"/api/v1/runs/{run_id}").json()["num_steps"] == 30
+    assert "detectors failed" in caplog.text
+    monkeypatch.undo()
+    # later batches are analysed again
+    post_steps(api, run_id, healthy(30, 90)).raise_for_status()
+    post_steps(api, run_id, h1_blowup(90)).raise_for_status()
+    assert "grad_norm_spike" in {a["rule"] for a in alerts_of(api, run_id)}
