@@ -14,7 +14,9 @@ from sqlalchemy.orm import sessionmaker
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server import __version__, errors
-from server.api import health, ingest, pages, runs
+from server.alerts.metrics import alert_gauges
+from server.alerts.worker import AlertWorker
+from server.api import alerts, health, ingest, pages, runs
 from server.db import make_engine
 from server.metrics import (
     DatabaseCollector,
@@ -37,7 +39,10 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        worker = _start_alert_worker(app, settings)
         yield
+        if worker is not None:
+            worker.stop()
         engine.dispose()
 
     app = FastAPI(
@@ -55,14 +60,30 @@ def create_app(
     app.state.db_metrics = DatabaseCollector(
         app.state.sessionmaker, engine, settings.metrics_active_window_s, settings.metrics_max_runs
     )
+    app.state.db_metrics.add_source(alert_gauges)
     registry.register(app.state.db_metrics)
     _install_error_handlers(app)
     app.include_router(ingest.router)
     app.include_router(runs.router)
+    app.include_router(alerts.router)
     app.include_router(health.router)
     install_metrics_route(app, registry)
     app.include_router(pages.router)
     return app
+
+
+def _start_alert_worker(app: FastAPI, settings: Settings) -> AlertWorker | None:
+    """The outbox delivery thread (and YAML receivers), unless alerts are disabled."""
+    if not settings.alerts_enabled:
+        return None
+    if settings.alert_rules_file is not None:
+        from server.services.alerts import sync_config_receivers
+
+        with app.state.sessionmaker() as session:
+            sync_config_receivers(session, settings)
+    worker = AlertWorker(app.state.sessionmaker, settings)
+    worker.start()
+    return worker
 
 
 def _error(app: FastAPI, status: int, name: str, detail: object) -> JSONResponse:

@@ -31,6 +31,17 @@ class Settings(BaseSettings):
     # /metrics: per-run gauges only for runs that sent a step within this window (bounded).
     metrics_active_window_s: float = 900.0
     metrics_max_runs: int = 500
+    # Alerts (README "Alerts"). Detection runs on ingest; delivery in a background thread.
+    alerts_enabled: bool = True
+    alert_rules_file: Path | None = None  # YAML: rules, per-project rules, receivers
+    alert_poll_interval_s: float = 0.1  # outbox polling of the delivery worker
+    alert_retry_base_s: float = 0.5  # backoff: base * 2**attempts, capped
+    alert_retry_max_s: float = 60.0
+    alert_give_up_s: float = 86_400.0  # a notification older than this stops retrying
+    alert_repeat_interval_s: float = 14_400.0  # re-notify a firing, unacknowledged alert
+    alert_scheduler_interval_s: float = 5.0  # stalled-run and repeat checks
+    alert_forensics_steps: int = 20  # steps before and after an alert in its forensics
+    alert_external_url: str = "http://127.0.0.1:8000"  # links in notifications
 
     @field_validator("database_url")
     @classmethod
@@ -41,3 +52,12 @@ class Settings(BaseSettings):
             # psycopg 3 is the driver we ship; plain postgresql:// would ask for psycopg2.
             url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
         return url
+
+    @field_validator("alert_rules_file")
+    @classmethod
+    def _rules_file_loads(cls, path: Path | None) -> Path | None:
+        if path is not None:
+            from server.alerts.config import load_config
+
+            load_config(path)  # fail fast on a missing or malformed file
+        return path

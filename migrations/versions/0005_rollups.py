@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from server.columns import Float32Array, Float64
 
 revision = "0005"
-down_revision = "0002"
+down_revision = "0003"
 branch_labels = None
 depends_on = None
 

@@ -17,6 +17,7 @@ from server.analysis.ratios import update_ratio
 from server.models import STEP_SERIES, WINDOW_STATS, LayerValues, Scalar, Step, utcnow
 from server.schemas import IngestResult, StepBatch, StepIn
 from server.services import rollups
+from server.services.alerts import analyze_ingested
 from server.services.runs import get_run
 from server.settings import Settings
 
@@ -173,6 +174,8 @@ def ingest_steps(
     run.last_step = last if run.last_step is None else max(run.last_step, last)
     run.updated_at = utcnow()
     run.status = "running"
+    if settings.alerts_enabled:
+        analyze_ingested(session, run, steps, settings)
     session.commit()
     return IngestResult(
         run=run_id, accepted=len(steps), first_step=min(s.step for s in steps), last_step=last

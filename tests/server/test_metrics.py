@@ -104,6 +104,7 @@ def test_active_runs_get_gauges_and_runs_idle_or_finished_long_ago_none(
         "gradsentry_run_grad_norm": last["grad_norm"],
         "gradsentry_run_last_step": 4.0,
         "gradsentry_run_last_step_timestamp_seconds": last["wall_time"],
+        "gradsentry_run_alerts_firing": 0.0,
     }
     assert per_run(scrape(api), idle) and per_run(scrape(api), done)
 
@@ -124,7 +125,7 @@ def test_scrape_sources_plug_in(collector: Collector) -> None:
     def noise(_session: Session, active: Sequence[ActiveRun]) -> list[Sample]:
         return [
             Sample("gradsentry_run_b_simple", 42.0 + i, run_labels(r)) for i, r in enumerate(active)
-        ] + [Sample("gradsentry_outbox_backlog", 3.0)]
+        ]
 
     app.state.db_metrics.add_source(noise)
     app.state.db_metrics.declare("gradsentry_example_gauge", "An example", ["kind"])
@@ -139,5 +140,20 @@ def test_scrape_sources_plug_in(collector: Collector) -> None:
     }
     b_simple = {s.labels["run"]: s.value for s in families["gradsentry_run_b_simple"].samples}
     assert run_id in b_simple and min(b_simple.values()) == 42.0
-    assert families["gradsentry_outbox_backlog"].samples[0].value == 3.0
     assert families["gradsentry_example_gauge"].samples[0].labels == {"kind": "x"}
+
+
+def test_alert_gauges_count_a_firing_alert(api: httpx.Client) -> None:
+    run_id = create_run(api, layers=["a", "b", "c"])
+    steps = make_steps(0, 5)
+    steps[4]["loss"] = "NaN"  # non-finite loss: a critical alert at once
+    post_steps(api, run_id, steps).raise_for_status()
+    alerts = api.get("/api/v1/alerts", params={"run": run_id, "state": "firing"}).json()
+    firing = [a for a in alerts["alerts"] if a["severity"] == "critical"]
+    assert firing, alerts
+    samples = scrape(api)
+    assert per_run(samples, run_id)["gradsentry_run_alerts_firing"] == len(alerts["alerts"])
+    firing_now = samples["gradsentry_alerts_firing"]
+    critical = [s for s in firing_now if s.labels["severity"] == "critical"]
+    assert critical[0].value >= len(firing)
+    assert samples["gradsentry_outbox_backlog"][0].value >= 0

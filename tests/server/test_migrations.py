@@ -21,7 +21,8 @@ from server.settings import Settings
 from tests.conftest import PG_ADMIN_URL, _pg_url
 
 TABLES = {"projects", "runs", "steps", "layer_values", "scalars", "layer_rollups",
-          "series_rollups"}
+          "series_rollups", "alert_states", "alerts", "alert_silences", "alert_rules",
+          "alert_receivers", "alert_notifications"}
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

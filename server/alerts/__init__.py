@@ -1,0 +1,1 @@
+"""Alert lifecycle, outbox and notifiers."""
