@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server import __version__, errors
 from server.api import health, ingest, pages, runs
+from server.api import noise as noise_api
 from server.db import make_engine
 from server.metrics import Metrics
 from server.settings import Settings
@@ -48,6 +49,7 @@ def create_app(
     _install_error_handlers(app)
     app.include_router(ingest.router)
     app.include_router(runs.router)
+    app.include_router(noise_api.router)  # noise scale
     app.include_router(health.router)
     app.mount("/metrics", make_asgi_app(registry))
     app.include_router(pages.router)

@@ -35,7 +35,8 @@ NAMING_CONVENTION = {
 # Per-layer metrics stored as one float32 vector per step (ordered like Run.layers).
 # param_norm, update_norm: |w_l| after an optimizer step and |Δw_l| of that step (reported
 # every K steps); update_ratio = update_norm / param_norm, derived at ingest (0/0 is NaN).
-LAYER_METRICS = ("grad_norm", "nonfinite", "param_norm", "update_norm", "update_ratio")
+LAYER_METRICS = ("grad_norm", "nonfinite", "param_norm", "update_norm", "update_ratio",
+                 "gns_small_sq", "gns_big_sq")  # noise scale: server/services/noise.py
 
 
 def utcnow() -> datetime:

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from server import errors
 from server.analysis.ratios import update_ratio
+from server.services.noise import check_gns, gns_rows
 from server.models import STEP_SERIES, LayerValues, Scalar, Step, utcnow
 from server.schemas import IngestResult, StepBatch, StepIn
 from server.services.runs import get_run
@@ -123,6 +124,12 @@ def ingest_steps(
             {"run_pk": run.pk, "name": lr_series(i), "step": s.step, "value": v}
             for i, v in enumerate(s.lrs or ())
         )
+        if s.gns is not None:  # noise scale: scalar series gns/* and layer metrics gns_*
+            gns_scalars, gns_layers = gns_rows(s.gns, len(run.layers))
+            scalar_rows.extend({"run_pk": run.pk, "name": k, "step": s.step, "value": v}
+                               for k, v in gns_scalars.items())
+            layer_rows.extend({"run_pk": run.pk, "metric": k, "step": s.step, "values": v}
+                              for k, v in gns_layers.items())
     _upsert(session, Step.__table__, step_rows, ("run_pk", "step"))
     _upsert(session, LayerValues.__table__, layer_rows, ("run_pk", "metric", "step"))
     _upsert(session, Scalar.__table__, scalar_rows, ("run_pk", "name", "step"))
@@ -150,6 +157,7 @@ def _check_steps(steps: Sequence[StepIn], n_layers: int) -> None:
             raise errors.InvalidInput(
                 f"steps.{i}.scalars: {sorted(clash)} are built-in series names; rename them"
             )
+        check_gns(s, i, n_layers)  # noise scale
         for field in LAYER_FIELDS:
             values = getattr(s, field)
             if values is not None and len(values) != n_layers:
