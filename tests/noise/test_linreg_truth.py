@@ -1,5 +1,7 @@
 """Each noise-scale mode recovers the closed-form B_simple of a Gaussian linear regression
-within 5 % after 1000 steps at B = 64 (4 seeds), and the collector's REST answer agrees."""
+within 5 % after 1000 steps at B = 64. Seeds 1-3 here (records from a real HTTP receiver,
+estimated with the collector's pure functions); seed 0 of every mode goes client → live
+collector → REST in tests/noise/test_endpoint.py: 4 seeds per mode in all."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from tests.conftest import Collector, free_port, new_run_id
 from tests.noise import linreg
 from tests.noise.ddp_worker import WORLD, worker
 
-SEEDS = (0, 1, 2, 3)
+SEEDS = (1, 2, 3)  # seed 0: test_endpoint.py::test_linear_regression_end_to_end
 TOL = 0.05
 
 
