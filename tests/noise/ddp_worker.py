@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
@@ -15,6 +16,7 @@ WORLD = 2
 def worker(rank: int, port: int, runs: list[tuple[int, str, str]], steps: int) -> None:
     """Train each (seed, run id, collector URL) in turn; rank 0 sends."""
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)  # two ranks on a 2-core machine
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=WORLD)
     try:

@@ -1,0 +1,91 @@
+"""Loss-scale and 1/k bookkeeping: gradient accumulation (k = 4) and an AMP GradScaler give
+the same noise-scale measurements as the plain loop on identical data (≤ 1e-6)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+import client_hooks
+from tests.client.receiver import Receiver
+from tests.noise import linreg
+from tests.noise.test_finite_dataset import _loss, _problem
+
+STEPS, BATCH, K = 12, 64, 4
+
+
+def _data(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(100 + step)
+    return torch.randn(BATCH, 8, generator=gen), torch.randn(BATCH, generator=gen)
+
+
+def _records(mode: str, k: int, scaled: bool) -> list[dict[str, Any]]:
+    model, _, _ = _problem()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**14) if scaled else None
+    rec = Receiver()
+    try:
+        mon = client_hooks.watch(model, opt, run=f"bk-{mode}-{k}-{scaled}", server=rec.url,
+                                 noise_scale=mode, scaler=scaler, batch_size=BATCH,
+                                 flush_interval=0.2, param_every=0)
+        for step in range(STEPS):
+            x, y = _data(step)
+            for xs, ys in zip(x.chunk(k), y.chunk(k), strict=True):
+                loss = _loss(model, xs, ys) / k
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+            if scaler is not None:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+            opt.zero_grad()
+            mon.log()
+        assert mon.flush(timeout=30)
+        mon.close()
+        return rec.steps
+    finally:
+        rec.close()
+
+
+def _close(a: list[float], b: list[float], tol: float = 1e-6) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert abs(x - y) <= tol * max(abs(y), 1e-30), (x, y)
+
+
+def test_per_example_accumulation_and_scaler_match_the_plain_loop() -> None:
+    plain = _records("per_example", 1, False)
+    for k, scaled in ((K, False), (K, True), (1, True)):
+        other = _records("per_example", k, scaled)
+        assert len(other) == STEPS
+        for a, b in zip(other, plain, strict=True):
+            assert (a["gns"]["b_small"], a["gns"]["b_big"]) == (1.0, float(BATCH))
+            _close(a["gns"]["small_sq"], b["gns"]["small_sq"])
+            _close(a["gns"]["big_sq"], b["gns"]["big_sq"])
+        assert linreg.estimate(other) == pytest.approx(linreg.estimate(plain), rel=1e-6)
+
+
+def _manual(step: int) -> tuple[float, float]:
+    """mean_j |G_j|² over the 4 micro-batches and |G|² of the whole batch, by autograd."""
+    model, _, _ = _problem()
+    params = list(model.parameters())
+    x, y = _data(step)
+    def sq(xs: torch.Tensor, ys: torch.Tensor) -> float:
+        grads = torch.autograd.grad(_loss(model, xs, ys), params)
+        return sum(float(g.double().square().sum()) for g in grads)
+    small = sum(sq(xs, ys) for xs, ys in zip(x.chunk(K), y.chunk(K), strict=True)) / K
+    return small, sq(x, y)
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_micro_mode_undoes_1_over_k_and_the_loss_scale(scaled: bool) -> None:
+    records = _records("micro", K, scaled)
+    assert len(records) == STEPS
+    for step, rec in enumerate(records):
+        g = rec["gns"]
+        assert (g["b_small"], g["b_big"]) == (BATCH / K, float(BATCH))
+        small, big = _manual(step)
+        _close([sum(g["small_sq"])], [small])
+        _close([sum(g["big_sq"])], [big])
