@@ -55,12 +55,14 @@ class NoiseSample:
         return (float(b_small), float(b_big)) if 0 < b_small < b_big else None
 
 
-def param_layers(model: torch.nn.Module, layers: Sequence[str]
-                 ) -> tuple[list[torch.Tensor], list[int]]:
+def param_layers(
+    model: torch.nn.Module, layers: Sequence[str]
+) -> tuple[list[torch.Tensor], list[int]]:
     """Trainable parameters (tied ones once) and their run-layer indices, as LayerNorms
     maps them."""
     index = {name: i for i, name in enumerate(layers)}
-    params, ids = [], []
+    params: list[torch.Tensor] = []
+    ids: list[int] = []
     for name, p in model.named_parameters():
         if p.requires_grad and layer_name(name) in index:
             params.append(p)
@@ -110,7 +112,9 @@ class MicroBatchNorms:
         self._which: list[int] = []
         self._tasks: set[int] = set()
         self._handles: list[RemovableHandle] = [
-            p.register_hook(partial(self._on_grad, i)) for i, p in enumerate(params)]
+            p.register_hook(partial(self._on_grad, i))  # type: ignore[no-untyped-call]
+            for i, p in enumerate(params)
+        ]
 
     def _on_grad(self, i: int, grad: torch.Tensor) -> None:
         self._tasks.add(torch._C._current_graph_task_id())
@@ -126,7 +130,8 @@ class MicroBatchNorms:
             return None
         with torch.no_grad():
             sq = self._layers.zeros().index_add_(
-                0, self._layers.ids(which), torch.stack(norms).to(torch.float64).square())
+                0, self._layers.ids(which), torch.stack(norms).to(torch.float64).square()
+            )
             sq = sq * float(k)
             if scale is not None:
                 sq = sq / scale.reshape(1).to(sq.device, torch.float64).square()
@@ -150,8 +155,12 @@ class DDPLocalNorms:
     SUM all-reduce of their squares, then runs the default all-reduce (mean) of the bucket.
     """
 
-    def __init__(self, ddp: torch.nn.parallel.DistributedDataParallel,
-                 params: list[torch.Tensor], layer_ids: list[int]) -> None:
+    def __init__(
+        self,
+        ddp: torch.nn.parallel.DistributedDataParallel,
+        params: list[torch.Tensor],
+        layer_ids: list[int],
+    ) -> None:
         device = params[0].device if params else torch.device("cpu")
         self._layers = _Layered(layer_ids, device)
         self._index = {id(p): i for i, p in enumerate(params)}
@@ -170,8 +179,11 @@ class DDPLocalNorms:
         local = None
         if keep:
             with torch.no_grad():
-                local = torch.stack(torch._foreach_norm([grads[j] for j in keep])).to(
-                    torch.float64).square()
+                local = (
+                    torch.stack(torch._foreach_norm([grads[j] for j in keep]))
+                    .to(torch.float64)
+                    .square()
+                )
             sq_work = torch.distributed.all_reduce(local, group=group, async_op=True)
         fut = default_hooks.allreduce_hook(group, bucket)
         if local is None:
@@ -209,8 +221,7 @@ class DDPLocalNorms:
 class PerExampleMode:
     """Mode ``"per_example"``: b = 1, B = the examples the hooks saw this step."""
 
-    def __init__(self, model: torch.nn.Module, layers: Sequence[str], kinds: Sequence[str]
-                 ) -> None:
+    def __init__(self, model: torch.nn.Module, layers: Sequence[str], kinds: Sequence[str]) -> None:
         self._pe = PerExampleNorms(kinds).attach(model, layers)
 
     def freeze(self, scale: torch.Tensor | None) -> NoiseSample | None:
@@ -236,9 +247,16 @@ class NoiseScale:
     step a GradScaler skipped).
     """
 
-    def __init__(self, mode: str, wrapped: torch.nn.Module, model: torch.nn.Module,
-                 layers: Sequence[str], optimizer: torch.optim.Optimizer, scaler: Any = None,
-                 kinds: Sequence[str] = KINDS) -> None:
+    def __init__(
+        self,
+        mode: str,
+        wrapped: torch.nn.Module,
+        model: torch.nn.Module,
+        layers: Sequence[str],
+        optimizer: torch.optim.Optimizer,
+        scaler: Any = None,
+        kinds: Sequence[str] = KINDS,
+    ) -> None:
         if mode not in MODES:
             raise ValueError(f"noise_scale must be one of {MODES} or None, got {mode!r}")
         self.mode = mode

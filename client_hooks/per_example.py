@@ -35,7 +35,8 @@ from torch.utils.hooks import RemovableHandle
 
 _ACC = torch.float32  # per-example sums are formed in fp32 (bf16/fp16 activations upcast)
 _RMSNORM: tuple[type[torch.nn.Module], ...] = (
-    (torch.nn.RMSNorm,) if hasattr(torch.nn, "RMSNorm") else ())
+    (torch.nn.RMSNorm,) if hasattr(torch.nn, "RMSNorm") else ()
+)
 KINDS = ("linear", "embedding", "norm")
 
 
@@ -44,8 +45,7 @@ def _flat3(x: torch.Tensor, last: int) -> torch.Tensor:
     return x.reshape(x.shape[0], -1, last).to(_ACC)
 
 
-def linear_sq(a: torch.Tensor, g: torch.Tensor, bias: bool, weight: bool = True
-              ) -> torch.Tensor:
+def linear_sq(a: torch.Tensor, g: torch.Tensor, bias: bool, weight: bool = True) -> torch.Tensor:
     """Per-example squared gradient norm (N,) of a Linear layer from its input ``a`` (N,…,in)
     and output gradient ``g`` (N,…,out): |G_iᵀA_i|²_F (+ |Σ_t g_t|² with a bias)."""
     a3, g3 = _flat3(a, a.shape[-1]), _flat3(g, g.shape[-1])
@@ -66,8 +66,9 @@ def linear_sq(a: torch.Tensor, g: torch.Tensor, bias: bool, weight: bool = True
     return out
 
 
-def embedding_sq(ids: torch.Tensor, g: torch.Tensor, num_embeddings: int,
-                 padding_idx: int | None = None) -> torch.Tensor:
+def embedding_sq(
+    ids: torch.Tensor, g: torch.Tensor, num_embeddings: int, padding_idx: int | None = None
+) -> torch.Tensor:
     """Per-example squared gradient norm (N,) of an Embedding from its ids (N,…) and output
     gradient ``g`` (N,…,d): Σ_v |Σ_{t: id_t = v} g_t|² (the padding row gets no gradient)."""
     n = ids.shape[0]
@@ -77,8 +78,9 @@ def embedding_sq(ids: torch.Tensor, g: torch.Tensor, num_embeddings: int,
     if padding_idx is not None:
         g2 = g2 * (flat_ids != padding_idx).unsqueeze(-1).to(_ACC)
     t = flat_ids.shape[1]
-    keys = (torch.arange(n, device=ids.device).unsqueeze(1) * num_embeddings
-            + flat_ids.long()).reshape(-1)
+    keys = (
+        torch.arange(n, device=ids.device).unsqueeze(1) * num_embeddings + flat_ids.long()
+    ).reshape(-1)
     sorted_keys, order = torch.sort(keys)
     new = torch.ones_like(sorted_keys, dtype=torch.long)
     new[1:] = (sorted_keys[1:] != sorted_keys[:-1]).long()
@@ -86,14 +88,20 @@ def embedding_sq(ids: torch.Tensor, g: torch.Tensor, num_embeddings: int,
     sums = torch.zeros(n * t, d, dtype=_ACC, device=g.device)
     sums.index_add_(0, seg, g2.reshape(-1, d)[order])
     example_of_seg = torch.zeros(n * t, dtype=torch.long, device=ids.device)
-    example_of_seg.scatter_(0, seg, torch.div(sorted_keys, num_embeddings,
-                                              rounding_mode="floor"))
+    example_of_seg.scatter_(0, seg, torch.div(sorted_keys, num_embeddings, rounding_mode="floor"))
     out = torch.zeros(n, dtype=_ACC, device=g.device)
     return out.index_add_(0, example_of_seg, sums.square().sum(1))
 
 
-def norm_sq(x: torch.Tensor, g: torch.Tensor, shape: Sequence[int], eps: float | None,
-            rms: bool, weight: bool, bias: bool) -> torch.Tensor:
+def norm_sq(
+    x: torch.Tensor,
+    g: torch.Tensor,
+    shape: Sequence[int],
+    eps: float | None,
+    rms: bool,
+    weight: bool,
+    bias: bool,
+) -> torch.Tensor:
     """Per-example squared gradient norm (N,) of a LayerNorm (``rms`` False) or RMSNorm over
     the trailing ``shape``: |Σ_t g_t ⊙ x̂_t|² (+ |Σ_t g_t|² with a bias)."""
     shape = tuple(shape)
@@ -114,19 +122,30 @@ def norm_sq(x: torch.Tensor, g: torch.Tensor, shape: Sequence[int], eps: float |
 
 def _kernel(module: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The per-example kernel of a supported module, bound to its configuration."""
-    wants = {name: p is not None and p.requires_grad
-             for name, p in (("weight", getattr(module, "weight", None)),
-                             ("bias", getattr(module, "bias", None)))}
+    wants = {
+        name: p is not None and p.requires_grad
+        for name, p in (
+            ("weight", getattr(module, "weight", None)),
+            ("bias", getattr(module, "bias", None)),
+        )
+    }
     if isinstance(module, torch.nn.Linear):
         return partial(_lin, bias=wants["bias"], weight=wants["weight"])
     if isinstance(module, torch.nn.Embedding):
         return partial(_emb, num=module.num_embeddings, pad=module.padding_idx)
     if isinstance(module, torch.nn.LayerNorm):
-        return partial(_norm, shape=module.normalized_shape, eps=module.eps, rms=False,
-                       weight=wants["weight"], bias=wants["bias"])
+        return partial(
+            _norm,
+            shape=module.normalized_shape,
+            eps=module.eps,
+            rms=False,
+            weight=wants["weight"],
+            bias=wants["bias"],
+        )
     if _RMSNORM and isinstance(module, _RMSNORM):
-        return partial(_norm, shape=module.normalized_shape, eps=module.eps, rms=True,
-                       weight=wants["weight"], bias=False)
+        shape: Sequence[int] = module.normalized_shape  # type: ignore[assignment]
+        eps: float | None = module.eps  # type: ignore[assignment]
+        return partial(_norm, shape=shape, eps=eps, rms=True, weight=wants["weight"], bias=False)
     raise TypeError(f"no per-example kernel for {type(module).__name__}")
 
 
@@ -138,8 +157,16 @@ def _emb(a: torch.Tensor, g: torch.Tensor, *, num: int, pad: int | None) -> torc
     return embedding_sq(a, g, num, pad)
 
 
-def _norm(a: torch.Tensor, g: torch.Tensor, *, shape: Sequence[int], eps: float | None,
-          rms: bool, weight: bool, bias: bool) -> torch.Tensor:
+def _norm(
+    a: torch.Tensor,
+    g: torch.Tensor,
+    *,
+    shape: Sequence[int],
+    eps: float | None,
+    rms: bool,
+    weight: bool,
+    bias: bool,
+) -> torch.Tensor:
     return norm_sq(a, g, shape, eps, rms, weight, bias)
 
 
@@ -193,26 +220,39 @@ class PerExampleNorms:
             pos = len(self.layer_ids)
             self.layer_ids.append(index[path])
             device = own[0].device
-            self._handles.append(module.register_forward_hook(
-                partial(self._on_forward, pos, _kernel(module))))
+            self._handles.append(
+                module.register_forward_hook(partial(self._on_forward, pos, _kernel(module)))
+            )
         self._sq = torch.zeros(len(self.layer_ids), dtype=torch.float64, device=device)
         self._count = [0] * len(self.layer_ids)
         self._pending = [0] * len(self.layer_ids)
         return self
 
-    def _on_forward(self, pos: int, kernel: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                    module: torch.nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
+    def _on_forward(
+        self,
+        pos: int,
+        kernel: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        module: torch.nn.Module,
+        inputs: tuple[Any, ...],
+        output: Any,
+    ) -> None:
         if not isinstance(output, torch.Tensor) or not output.requires_grad or not inputs:
             return
         if self._pending[pos] > 0:
             self._invalid.add(pos)  # reused in one graph: per-call norms do not add up
         self._pending[pos] += 1
         saved = inputs[0].detach()
-        output.register_hook(partial(self._on_grad_out, pos, kernel, saved))
+        output.register_hook(  # type: ignore[no-untyped-call]
+            partial(self._on_grad_out, pos, kernel, saved)
+        )
 
-    def _on_grad_out(self, pos: int, kernel: Callable[[torch.Tensor, torch.Tensor],
-                                                      torch.Tensor],
-                     saved: torch.Tensor, grad: torch.Tensor) -> None:
+    def _on_grad_out(
+        self,
+        pos: int,
+        kernel: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        saved: torch.Tensor,
+        grad: torch.Tensor,
+    ) -> None:
         self._pending[pos] = max(0, self._pending[pos] - 1)
         if self._sq is None:
             return
@@ -235,8 +275,7 @@ class PerExampleNorms:
             return None
         counts = self._count
         batch = max(set(counts), key=counts.count)
-        keep = [i for i, c in enumerate(counts) if c == batch and c > 0
-                and i not in self._invalid]
+        keep = [i for i, c in enumerate(counts) if c == batch and c > 0 and i not in self._invalid]
         if not keep:
             self.reset()
             return None

@@ -39,8 +39,9 @@ class Option:
     examples_vs_current: float  # E(batch)/E(B): > 1 costs examples (compute)
 
 
-def tradeoff(b_noise: float, batch: float, factors: Sequence[float] = (0.25, 0.5, 2.0, 4.0)
-             ) -> dict[str, object]:
+def tradeoff(
+    b_noise: float, batch: float, factors: Sequence[float] = (0.25, 0.5, 2.0, 4.0)
+) -> dict[str, object]:
     """The trade-off at the run's batch size ``batch`` for noise scale ``b_noise`` (> 0).
 
     ``steps_ratio`` = S/S_min, ``examples_ratio`` = E/E_min, and for each factor c the batch
@@ -53,16 +54,26 @@ def tradeoff(b_noise: float, batch: float, factors: Sequence[float] = (0.25, 0.5
     if not (b_noise > 0 and batch > 0):
         raise ValueError(f"need b_noise > 0 and batch > 0, got {b_noise} and {batch}")
     s0, e0 = steps_ratio(b_noise, batch), examples_ratio(b_noise, batch)
-    options = [Option(c * batch, steps_ratio(b_noise, c * batch) / s0,
-                      examples_ratio(b_noise, c * batch) / e0) for c in factors]
+    options = [
+        Option(
+            c * batch, steps_ratio(b_noise, c * batch) / s0, examples_ratio(b_noise, c * batch) / e0
+        )
+        for c in factors
+    ]
     return {
         "batch_size": batch,
         "b_noise": b_noise,
         "steps_ratio": s0,
         "examples_ratio": e0,
         "regime": "noise-dominated" if batch < b_noise else "curvature-dominated",
-        "options": [{"batch_size": o.batch, "steps_vs_current": o.steps_vs_current,
-                     "examples_vs_current": o.examples_vs_current} for o in options],
+        "options": [
+            {
+                "batch_size": o.batch,
+                "steps_vs_current": o.steps_vs_current,
+                "examples_vs_current": o.examples_vs_current,
+            }
+            for o in options
+        ],
     }
 
 

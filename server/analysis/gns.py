@@ -29,9 +29,38 @@ from dataclasses import dataclass
 import numpy as np
 
 # Student t 0.975 quantiles for 1..30 degrees of freedom (two-sided 95 % interval).
-_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
-         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
-         2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+_T975 = (
+    12.706,
+    4.303,
+    3.182,
+    2.776,
+    2.571,
+    2.447,
+    2.365,
+    2.306,
+    2.262,
+    2.228,
+    2.201,
+    2.179,
+    2.160,
+    2.145,
+    2.131,
+    2.120,
+    2.110,
+    2.101,
+    2.093,
+    2.086,
+    2.080,
+    2.074,
+    2.069,
+    2.064,
+    2.060,
+    2.056,
+    2.052,
+    2.048,
+    2.045,
+    2.042,
+)
 DEFAULT_BLOCKS = 10
 
 
@@ -49,8 +78,13 @@ def inverse_batch(b: float, dataset_size: int | None = None) -> float:
     return (n - b) / (b * (n - 1))
 
 
-def two_batch(small_sq: np.ndarray | float, big_sq: np.ndarray | float, b_small: float,
-              b_big: float, dataset_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def two_batch(
+    small_sq: np.ndarray | float,
+    big_sq: np.ndarray | float,
+    b_small: float,
+    b_big: float,
+    dataset_size: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Unbiased per-step estimates ``(|G|², tr Σ)`` from E|G_b|² = |G|² + tr Σ·f(b).
 
     With f_s = f(b_small), f_b = f(b_big) (:func:`inverse_batch`)::
@@ -111,8 +145,9 @@ def t_quantile(df: int) -> float:
     return _T975[df - 1] if 1 <= df <= len(_T975) else 1.96
 
 
-def jackknife_interval(g2: np.ndarray, trace: np.ndarray, blocks: int = DEFAULT_BLOCKS
-                       ) -> tuple[float, float] | None:
+def jackknife_interval(
+    g2: np.ndarray, trace: np.ndarray, blocks: int = DEFAULT_BLOCKS
+) -> tuple[float, float] | None:
     """95 % interval of tr Σ̄/|G|̄² from per-step estimates, by the delete-one-block jackknife.
 
     Why batch means + jackknife: successive per-step estimates are correlated (the parameters
@@ -164,8 +199,13 @@ class NoiseSeries:
     hi: np.ndarray
 
 
-def noise_series(g2_step: np.ndarray, trace_step: np.ndarray, horizon: int | None,
-                 blocks: int = DEFAULT_BLOCKS, interval_every: int = 1) -> NoiseSeries:
+def noise_series(
+    g2_step: np.ndarray,
+    trace_step: np.ndarray,
+    horizon: int | None,
+    blocks: int = DEFAULT_BLOCKS,
+    interval_every: int = 1,
+) -> NoiseSeries:
     """EMA-averaged |G|² and tr Σ (each separately, :func:`ema`), their ratio B_simple and a
     95 % interval per step (:func:`jackknife_interval` over the trailing ``horizon`` steps, or
     all steps so far when ``horizon`` is None: the same averaging length as the EMA, whose
@@ -184,7 +224,7 @@ def noise_series(g2_step: np.ndarray, trace_step: np.ndarray, horizon: int | Non
         if math.isnan(bs[i]) or (i % interval_every and i != n - 1):
             continue
         start = 0 if horizon is None else max(0, i + 1 - horizon)
-        iv = jackknife_interval(gs[start:i + 1], ts[start:i + 1], blocks)
+        iv = jackknife_interval(gs[start : i + 1], ts[start : i + 1], blocks)
         if iv is not None:
             lo[i], hi[i] = iv
     return NoiseSeries(g2, tr, bs, lo, hi)
@@ -195,7 +235,7 @@ def group_layers(layers: Sequence[str], depth: int) -> dict[str, list[int]]:
     (``blocks.0.attn.proj`` → ``blocks.0`` at depth 2), in model order."""
     groups: dict[str, list[int]] = {}
     for i, name in enumerate(layers):
-        key = ".".join(name.split(".")[:max(depth, 1)])
+        key = ".".join(name.split(".")[: max(depth, 1)])
         groups.setdefault(key, []).append(i)
     return groups
 

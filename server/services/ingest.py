@@ -14,9 +14,9 @@ from sqlalchemy.orm import Session
 
 from server import errors
 from server.analysis.ratios import update_ratio
-from server.services.noise import check_gns, gns_rows
 from server.models import STEP_SERIES, LayerValues, Scalar, Step, utcnow
 from server.schemas import IngestResult, StepBatch, StepIn
+from server.services.noise import check_gns, gns_rows
 from server.services.runs import get_run
 from server.settings import Settings
 

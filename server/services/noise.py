@@ -33,8 +33,10 @@ def check_gns(step: StepIn, i: int, n_layers: int) -> None:
     """Reject a malformed ``gns`` field (and user scalars in the reserved ``gns/`` space)."""
     taken = [k for k in step.scalars if k.startswith(PREFIX)]
     if taken:
-        raise errors.InvalidInput(f"steps.{i}.scalars: names starting with {PREFIX!r} are "
-                                  f"reserved for the noise scale: {sorted(taken)}")
+        raise errors.InvalidInput(
+            f"steps.{i}.scalars: names starting with {PREFIX!r} are "
+            f"reserved for the noise scale: {sorted(taken)}"
+        )
     g = step.gns
     if g is None:
         return
@@ -42,11 +44,13 @@ def check_gns(step: StepIn, i: int, n_layers: int) -> None:
     if not g.b_small < g.b_big:
         raise errors.InvalidInput(f"{where}: b_small ({g.b_small}) must be < b_big ({g.b_big})")
     if len(g.small_sq) != len(g.layers) or len(g.big_sq) != len(g.layers):
-        raise errors.InvalidInput(f"{where}: small_sq and big_sq need one value per entry of "
-                                  f"layers ({len(g.layers)})")
+        raise errors.InvalidInput(
+            f"{where}: small_sq and big_sq need one value per entry of layers ({len(g.layers)})"
+        )
     if len(set(g.layers)) != len(g.layers) or max(g.layers) >= n_layers:
-        raise errors.InvalidInput(f"{where}.layers: must be distinct indices below the run's "
-                                  f"{n_layers} layers")
+        raise errors.InvalidInput(
+            f"{where}.layers: must be distinct indices below the run's {n_layers} layers"
+        )
 
 
 def gns_rows(g: GnsIn, n_layers: int) -> tuple[dict[str, float], dict[str, np.ndarray]]:
@@ -55,8 +59,12 @@ def gns_rows(g: GnsIn, n_layers: int) -> tuple[dict[str, float], dict[str, np.nd
     big = np.full(n_layers, np.nan, dtype="<f4")
     small[g.layers] = g.small_sq
     big[g.layers] = g.big_sq
-    scalars = {"gns/b_small": g.b_small, "gns/b_big": g.b_big,
-               "gns/small_sq": math.fsum(g.small_sq), "gns/big_sq": math.fsum(g.big_sq)}
+    scalars = {
+        "gns/b_small": g.b_small,
+        "gns/b_big": g.b_big,
+        "gns/small_sq": math.fsum(g.small_sq),
+        "gns/big_sq": math.fsum(g.big_sq),
+    }
     return scalars, {"gns_small_sq": small, "gns_big_sq": big}
 
 
@@ -69,8 +77,9 @@ def dataset_size(run: Run) -> int | None:
     return None
 
 
-def _per_step(b_small: np.ndarray, b_big: np.ndarray, small: np.ndarray, big: np.ndarray,
-              n: int | None) -> tuple[np.ndarray, np.ndarray]:
+def _per_step(
+    b_small: np.ndarray, b_big: np.ndarray, small: np.ndarray, big: np.ndarray, n: int | None
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-step (|G|², tr Σ) estimates; NaN where a step cannot give one."""
     g2 = np.full(len(small), np.nan)
     tr = np.full(len(small), np.nan)
@@ -100,8 +109,15 @@ def _read(session: Session, run: Run) -> tuple[np.ndarray, dict[str, np.ndarray]
     return steps, cols
 
 
-def _groups(session: Session, run: Run, steps: np.ndarray, cols: dict[str, np.ndarray],
-            depth: int, horizon: int | None, n: int | None) -> list[dict[str, Any]]:
+def _groups(
+    session: Session,
+    run: Run,
+    steps: np.ndarray,
+    cols: dict[str, np.ndarray],
+    depth: int,
+    horizon: int | None,
+    n: int | None,
+) -> list[dict[str, Any]]:
     """Noise scale per layer group (module path prefix of ``depth`` components)."""
     mats: dict[str, np.ndarray] = {}
     for metric in ("gns_small_sq", "gns_big_sq"):
@@ -125,34 +141,59 @@ def _groups(session: Session, run: Run, steps: np.ndarray, cols: dict[str, np.nd
             continue  # no layer of this group is measured
         g2, tr = _per_step(cols["gns/b_small"], cols["gns/b_big"], small[name], big[name], n)
         series = gns.noise_series(g2, tr, horizon, interval_every=max(len(g2), 1))
-        out.append({"name": name, "layers": [run.layers[i] for i in groups[name]],
-                    **_current(steps, series)})
+        out.append(
+            {
+                "name": name,
+                "layers": [run.layers[i] for i in groups[name]],
+                **_current(steps, series),
+            }
+        )
     return out
 
 
 def _current(steps: np.ndarray, s: gns.NoiseSeries) -> dict[str, Any]:
     if len(steps) == 0:
-        return {"step": None, "b_simple": None, "lo": None, "hi": None, "defined": False,
-                "reason": "no noise-scale measurements yet"}
+        return {
+            "step": None,
+            "b_simple": None,
+            "lo": None,
+            "hi": None,
+            "defined": False,
+            "reason": "no noise-scale measurements yet",
+        }
     b = float(s.b_simple[-1])
     defined = math.isfinite(b)
     reason = None
     if not defined:
-        reason = ("the |G|² estimate is not positive yet: the gradient signal is still "
-                  "below the noise at this averaging horizon")
-    return {"step": int(steps[-1]), "b_simple": _none(b), "lo": _none(float(s.lo[-1])),
-            "hi": _none(float(s.hi[-1])), "defined": defined, "reason": reason}
+        reason = (
+            "the |G|² estimate is not positive yet: the gradient signal is still "
+            "below the noise at this averaging horizon"
+        )
+    return {
+        "step": int(steps[-1]),
+        "b_simple": _none(b),
+        "lo": _none(float(s.lo[-1])),
+        "hi": _none(float(s.hi[-1])),
+        "defined": defined,
+        "reason": reason,
+    }
 
 
-def noise_scale(session: Session, run_id: str, horizon: int | None, max_points: int,
-                group_depth: int | None = None) -> dict[str, Any]:
+def noise_scale(
+    session: Session,
+    run_id: str,
+    horizon: int | None,
+    max_points: int,
+    group_depth: int | None = None,
+) -> dict[str, Any]:
     """The noise-scale series, the current estimate with its 95 % interval, the trade-off at
     the run's batch size and, with ``group_depth``, per layer group (see module docstring)."""
     run = get_run(session, run_id)
     n = dataset_size(run)
     steps, cols = _read(session, run)
-    g2, tr = _per_step(cols["gns/b_small"], cols["gns/b_big"], cols["gns/small_sq"],
-                       cols["gns/big_sq"], n)
+    g2, tr = _per_step(
+        cols["gns/b_small"], cols["gns/b_big"], cols["gns/small_sq"], cols["gns/big_sq"], n
+    )
     every = max(1, math.ceil(len(steps) / max_points))
     series = gns.noise_series(g2, tr, horizon, interval_every=every)
     picks = [i for i in range(len(steps)) if i % every == 0 or i == len(steps) - 1]

@@ -17,11 +17,20 @@ def worker(rank: int, port: int, runs: list[tuple[int, str, str]], steps: int) -
     """Train each (seed, run id, collector URL) in turn; rank 0 sends."""
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)  # two ranks on a 2-core machine
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
+    )
     try:
         for seed, run, url in runs:
-            linreg.train("ddp", seed, url, run, steps=steps, rank=rank, world=WORLD,
-                         wrap=DistributedDataParallel)
+            linreg.train(
+                "ddp",
+                seed,
+                url,
+                run,
+                steps=steps,
+                rank=rank,
+                world=WORLD,
+                wrap=DistributedDataParallel,
+            )
     finally:
         dist.destroy_process_group()

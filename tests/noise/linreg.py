@@ -44,8 +44,9 @@ def make(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.Tenso
     return model, torch.optim.SGD(model.parameters(), lr=0.0), w_star
 
 
-def batch(gen: torch.Generator, w_star: torch.Tensor, n: int = BATCH
-          ) -> tuple[torch.Tensor, torch.Tensor]:
+def batch(
+    gen: torch.Generator, w_star: torch.Tensor, n: int = BATCH
+) -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.randn(n, D, generator=gen) * diag_c().sqrt().float()
     y = x @ w_star + NOISE_SD * torch.randn(n, generator=gen)
     return x, y
@@ -55,15 +56,33 @@ def loss_of(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.T
     return 0.5 * (model(x).squeeze(-1) - y).square().mean()
 
 
-def train(mode: str, seed: int, server: str, run: str, steps: int = STEPS,
-          rank: int = 0, world: int = 1, wrap: Any = None, **watch: Any) -> None:
+def train(
+    mode: str,
+    seed: int,
+    server: str,
+    run: str,
+    steps: int = STEPS,
+    rank: int = 0,
+    world: int = 1,
+    wrap: Any = None,
+    **watch: Any,
+) -> None:
     """``steps`` optimizer steps at batch size 64 measured in ``mode`` ("micro": 4
     micro-batches of 16 accumulated; "per_example": one backward of 64; "ddp": this rank's
     64/world slice of the global batch, the model wrapped by ``wrap``)."""
     model, opt, w_star = make(seed)
     net = wrap(model) if wrap is not None else model
-    mon = client_hooks.watch(net, opt, run=run, server=server, batch_size=BATCH,
-                             noise_scale=mode, flush_interval=0.2, param_every=0, **watch)
+    mon = client_hooks.watch(
+        net,
+        opt,
+        run=run,
+        server=server,
+        batch_size=BATCH,
+        noise_scale=mode,
+        flush_interval=0.2,
+        param_every=0,
+        **watch,
+    )
     gen = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         x, y = batch(gen, w_star)
@@ -87,8 +106,9 @@ def estimate(records: list[dict[str, Any]], dataset_size: int | None = None) -> 
     g2s, trs = [], []
     for rec in records:
         g = rec["gns"]
-        g2, tr = gns.two_batch(math.fsum(g["small_sq"]), math.fsum(g["big_sq"]), g["b_small"],
-                               g["b_big"], dataset_size)
+        g2, tr = gns.two_batch(
+            math.fsum(g["small_sq"]), math.fsum(g["big_sq"]), g["b_small"], g["b_big"], dataset_size
+        )
         g2s.append(float(g2))
         trs.append(float(tr))
     return float(np.mean(trs) / np.mean(g2s))

@@ -27,9 +27,17 @@ def _records(mode: str, k: int, scaled: bool) -> list[dict[str, Any]]:
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**14) if scaled else None
     rec = Receiver()
     try:
-        mon = client_hooks.watch(model, opt, run=f"bk-{mode}-{k}-{scaled}", server=rec.url,
-                                 noise_scale=mode, scaler=scaler, batch_size=BATCH,
-                                 flush_interval=0.2, param_every=0)
+        mon = client_hooks.watch(
+            model,
+            opt,
+            run=f"bk-{mode}-{k}-{scaled}",
+            server=rec.url,
+            noise_scale=mode,
+            scaler=scaler,
+            batch_size=BATCH,
+            flush_interval=0.2,
+            param_every=0,
+        )
         for step in range(STEPS):
             x, y = _data(step)
             for xs, ys in zip(x.chunk(k), y.chunk(k), strict=True):
@@ -72,9 +80,11 @@ def _manual(step: int) -> tuple[float, float]:
     model, _, _ = _problem()
     params = list(model.parameters())
     x, y = _data(step)
+
     def sq(xs: torch.Tensor, ys: torch.Tensor) -> float:
         grads = torch.autograd.grad(_loss(model, xs, ys), params)
         return sum(float(g.double().square().sum()) for g in grads)
+
     small = sum(sq(xs, ys) for xs, ys in zip(x.chunk(K), y.chunk(K), strict=True)) / K
     return small, sq(x, y)
 

@@ -23,13 +23,16 @@ def _noise(api: httpx.Client, run: str, **params: Any) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("mode", ["micro", "per_example", "ddp"])
-def test_linear_regression_end_to_end(collector: Collector, api: httpx.Client,
-                                      mode: str) -> None:
+def test_linear_regression_end_to_end(collector: Collector, api: httpx.Client, mode: str) -> None:
     """One seed per mode: client → live collector → REST is within 5 % of the closed form."""
     run = new_run_id(f"lr-{mode}")
     if mode == "ddp":
-        mp.spawn(worker, args=(free_port(), [(0, run, collector.url)], linreg.STEPS),
-                 nprocs=WORLD, join=True)
+        mp.spawn(
+            worker,
+            args=(free_port(), [(0, run, collector.url)], linreg.STEPS),
+            nprocs=WORLD,
+            join=True,
+        )
     else:
         linreg.train(mode, 0, collector.url, run)
     truth = linreg.truth()
@@ -55,16 +58,33 @@ def test_linear_regression_end_to_end(collector: Collector, api: httpx.Client,
 
 def _create(api: httpx.Client, **semantics: Any) -> str:
     run = new_run_id("ns")
-    got = api.post("/api/v1/runs", json={"id": run, "layers": LAYERS, "batch_size": 8,
-                                         "semantics": {"noise_scale": "micro", **semantics}})
+    got = api.post(
+        "/api/v1/runs",
+        json={
+            "id": run,
+            "layers": LAYERS,
+            "batch_size": 8,
+            "semantics": {"noise_scale": "micro", **semantics},
+        },
+    )
     assert got.status_code in (200, 201), got.text
     return run
 
 
 def _step(step: int, small: list[float], big: list[float], **gns: Any) -> dict[str, Any]:
-    return {"step": step, "loss": 1.0,
-            "gns": {"mode": "micro", "b_small": 2.0, "b_big": 8.0, "layers": [0, 1, 2],
-                    "small_sq": small, "big_sq": big, **gns}}
+    return {
+        "step": step,
+        "loss": 1.0,
+        "gns": {
+            "mode": "micro",
+            "b_small": 2.0,
+            "b_big": 8.0,
+            "layers": [0, 1, 2],
+            "small_sq": small,
+            "big_sq": big,
+            **gns,
+        },
+    }
 
 
 def _post(api: httpx.Client, run: str, steps: list[dict[str, Any]]) -> httpx.Response:
@@ -77,8 +97,10 @@ def test_undefined_while_g2_not_positive_then_defined(api: httpx.Client) -> None
     assert empty["current"]["defined"] is False and empty["current"]["b_simple"] is None
     assert empty["series"]["step"] == [] and empty["tradeoff"] is None
     # |G_B|² below |G_b|²/4 (b = B/4): the |G|² estimate (B|G_B|² − b|G_b|²)/(B − b) < 0.
-    assert _post(api, run, [_step(i, [4.0, 4.0, 4.0], [0.5, 0.5, 0.5]) for i in range(30)]
-                 ).status_code == 200
+    assert (
+        _post(api, run, [_step(i, [4.0, 4.0, 4.0], [0.5, 0.5, 0.5]) for i in range(30)]).status_code
+        == 200
+    )
     body = _noise(api, run, horizon=0)
     assert body["current"]["defined"] is False and body["current"]["b_simple"] is None
     assert "not positive" in body["current"]["reason"]
@@ -103,26 +125,34 @@ def test_dataset_size_applies_the_finite_population_correction(api: httpx.Client
     run = _create(api, dataset_size=16)
     # With N = 16: f(2) = 14/30, f(8) = 8/120. |G|² = 1, tr Σ = 3: E|G_b|² = 1 + 3 f(b).
     small, big = 1 + 3 * 14 / 30, 1 + 3 * 8 / 120
-    assert _post(api, run, [_step(i, [small, 0, 0], [big, 0, 0]) for i in range(40)]
-                 ).status_code == 200
+    assert (
+        _post(api, run, [_step(i, [small, 0, 0], [big, 0, 0]) for i in range(40)]).status_code
+        == 200
+    )
     body = _noise(api, run, horizon=0)
     assert body["dataset_size"] == 16
     assert body["current"]["b_simple"] == pytest.approx(3.0, rel=1e-6)
 
 
-@pytest.mark.parametrize("bad, detail", [
-    ({"b_small": 8.0}, "b_small"),
-    ({"layers": [0, 1]}, "one value per entry"),
-    ({"layers": [0, 1, 3]}, "distinct indices"),
-    ({"layers": [0, 0, 1]}, "distinct indices"),
-    ({"b_small": 0}, "b_small"),
-    ({"mode": "guess"}, "mode"),
-])
-def test_bad_gns_is_a_4xx_and_nothing_is_stored(api: httpx.Client, bad: dict[str, Any],
-                                                detail: str) -> None:
+@pytest.mark.parametrize(
+    "bad, detail",
+    [
+        ({"b_small": 8.0}, "b_small"),
+        ({"layers": [0, 1]}, "one value per entry"),
+        ({"layers": [0, 1, 3]}, "distinct indices"),
+        ({"layers": [0, 0, 1]}, "distinct indices"),
+        ({"b_small": 0}, "b_small"),
+        ({"mode": "guess"}, "mode"),
+    ],
+)
+def test_bad_gns_is_a_4xx_and_nothing_is_stored(
+    api: httpx.Client, bad: dict[str, Any], detail: str
+) -> None:
     run = _create(api)
-    steps = [_step(0, [1.0, 1.0, 1.0], [0.5, 0.5, 0.5]),
-             _step(1, [1.0, 1.0, 1.0], [0.5, 0.5, 0.5], **bad)]
+    steps = [
+        _step(0, [1.0, 1.0, 1.0], [0.5, 0.5, 0.5]),
+        _step(1, [1.0, 1.0, 1.0], [0.5, 0.5, 0.5], **bad),
+    ]
     got = _post(api, run, steps)
     assert 400 <= got.status_code < 500, got.text
     assert got.json()["error"] and detail in got.json()["detail"]

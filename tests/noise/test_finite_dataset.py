@@ -7,10 +7,9 @@ import pytest
 import torch
 from torch.func import functional_call, grad, vmap
 
+import client_hooks
 from tests.client.receiver import Receiver
 from tests.noise import linreg
-
-import client_hooks
 
 N, D_IN, HIDDEN, BATCH, STEPS = 96, 8, 16, 64, 600
 
@@ -20,8 +19,12 @@ def _problem() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
     x = torch.randn(N, D_IN, generator=gen)
     y = torch.sin(x @ torch.randn(D_IN, generator=gen)) + 0.3 * torch.randn(N, generator=gen)
     torch.manual_seed(7)
-    model = torch.nn.Sequential(torch.nn.Linear(D_IN, HIDDEN), torch.nn.LayerNorm(HIDDEN),
-                                torch.nn.Tanh(), torch.nn.Linear(HIDDEN, 1))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(D_IN, HIDDEN),
+        torch.nn.LayerNorm(HIDDEN),
+        torch.nn.Tanh(),
+        torch.nn.Linear(HIDDEN, 1),
+    )
     with torch.no_grad():  # a non-trivial LayerNorm affine
         model[1].weight.add_(0.3 * torch.randn(HIDDEN))
         model[1].bias.add_(0.3 * torch.randn(HIDDEN))
@@ -54,13 +57,23 @@ def _run(replace: bool, dataset_size: int | None) -> list[dict[str, object]]:
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     rec = Receiver()
     try:
-        mon = client_hooks.watch(model, opt, run=f"mlp-{replace}", server=rec.url,
-                                 noise_scale="per_example", dataset_size=dataset_size,
-                                 flush_interval=0.2, param_every=0)
+        mon = client_hooks.watch(
+            model,
+            opt,
+            run=f"mlp-{replace}",
+            server=rec.url,
+            noise_scale="per_example",
+            dataset_size=dataset_size,
+            flush_interval=0.2,
+            param_every=0,
+        )
         gen = torch.Generator().manual_seed(1 if replace else 2)
         for _ in range(STEPS):
-            idx = (torch.randint(0, N, (BATCH,), generator=gen) if replace
-                   else torch.randperm(N, generator=gen)[:BATCH])
+            idx = (
+                torch.randint(0, N, (BATCH,), generator=gen)
+                if replace
+                else torch.randperm(N, generator=gen)[:BATCH]
+            )
             _loss(model, x[idx], y[idx]).backward()
             opt.step()
             opt.zero_grad()

@@ -5,11 +5,11 @@ collector → REST in tests/noise/test_endpoint.py: 4 seeds per mode in all."""
 
 from __future__ import annotations
 
-import torch.multiprocessing as mp
 import pytest
+import torch.multiprocessing as mp
 
 from tests.client.receiver import Receiver
-from tests.conftest import Collector, free_port, new_run_id
+from tests.conftest import free_port
 from tests.noise import linreg
 from tests.noise.ddp_worker import WORLD, worker
 
@@ -31,7 +31,8 @@ def test_single_process_modes_four_seeds(mode: str) -> None:
         assert all(r["gns"]["mode"] == mode for r in records)
         b_small = 1.0 if mode == "per_example" else linreg.BATCH / linreg.MICRO
         assert {(r["gns"]["b_small"], r["gns"]["b_big"]) for r in records} == {
-            (b_small, float(linreg.BATCH))}
+            (b_small, float(linreg.BATCH))
+        }
         est = linreg.estimate(records)
         assert abs(est / truth - 1) <= TOL, (mode, seed, est, truth)
 
@@ -46,7 +47,8 @@ def test_ddp_mode_four_seeds() -> None:
             records = rec.steps
             assert len(records) == linreg.STEPS
             assert {(r["gns"]["b_small"], r["gns"]["b_big"]) for r in records} == {
-                (linreg.BATCH / WORLD, float(linreg.BATCH))}
+                (linreg.BATCH / WORLD, float(linreg.BATCH))
+            }
             est = linreg.estimate(records)
             assert abs(est / truth - 1) <= TOL, (seed, est, truth)
     finally:

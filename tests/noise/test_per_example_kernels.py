@@ -73,10 +73,18 @@ def test_embedding_matches_loop_with_repeats_and_padding() -> None:
     ids = torch.randint(0, 4, (N, T))  # few distinct ids: many repeats within an example
     ids[0, :3] = 0
     w_out = torch.randn(N, T, 6)
-    truth = torch.tensor([
-        sum(float(p.square().sum()) for p in torch.autograd.grad(
-            (emb(ids[i : i + 1]) * w_out[i : i + 1]).sum(), list(emb.parameters())))
-        for i in range(N)], dtype=torch.float64)
+    truth = torch.tensor(
+        [
+            sum(
+                float(p.square().sum())
+                for p in torch.autograd.grad(
+                    (emb(ids[i : i + 1]) * w_out[i : i + 1]).sum(), list(emb.parameters())
+                )
+            )
+            for i in range(N)
+        ],
+        dtype=torch.float64,
+    )
     assert _rel(embedding_sq(ids, w_out, 11, 0), truth) <= 1e-5
     # Treating each token as its own row (no repeat merging) is wrong here.
     wrong = (w_out.square().sum(-1) * (ids != 0)).sum(1)
