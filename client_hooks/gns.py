@@ -238,6 +238,20 @@ class PerExampleMode:
         self._pe.detach()
 
 
+def parse_mode(spec: str) -> tuple[str, tuple[str, ...]]:
+    """``"micro"``, ``"ddp"``, ``"per_example"`` (all supported layer kinds) or
+    ``"per_example:norm"`` / ``"per_example:linear,norm"`` (only those kinds: ``linear``,
+    ``embedding``, ``norm``) → (mode, kinds). Raises ValueError on anything else."""
+    mode, _, rest = spec.partition(":") if isinstance(spec, str) else ("", "", "")
+    kinds = tuple(k.strip() for k in rest.split(",") if k.strip()) if rest else KINDS
+    if mode not in MODES or (rest and mode != "per_example") or not set(kinds) <= set(KINDS):
+        raise ValueError(
+            f"noise_scale must be one of {MODES}, or per_example:<kinds> with kinds from "
+            f"{KINDS}; got {spec!r}"
+        )
+    return mode, kinds
+
+
 class NoiseScale:
     """One noise-scale mode attached to a model and optimizer.
 
@@ -255,10 +269,8 @@ class NoiseScale:
         layers: Sequence[str],
         optimizer: torch.optim.Optimizer,
         scaler: Any = None,
-        kinds: Sequence[str] = KINDS,
     ) -> None:
-        if mode not in MODES:
-            raise ValueError(f"noise_scale must be one of {MODES} or None, got {mode!r}")
+        mode, kinds = parse_mode(mode)
         self.mode = mode
         self._scaler = scaler
         params, ids = param_layers(model, layers)

@@ -48,8 +48,8 @@ from torch.utils.hooks import RemovableHandle
 
 from . import spool as spool_mod
 from . import wire
-from .gns import MODES as GNS_MODES
 from .gns import NoiseScale
+from .gns import parse_mode as parse_gns_mode
 from .norms import LayerNorms
 from .record import PendingStep
 from .sender import Sender
@@ -105,7 +105,8 @@ def watch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, project: 
             the gradient noise scale (:mod:`client_hooks.gns`): ``"micro"`` (micro-batches of
             gradient accumulation vs the accumulated gradient), ``"ddp"`` (each rank's local
             gradient vs the all-reduced one; pass the DDP model), ``"per_example"`` (per-example
-            norms of Linear/Embedding/LayerNorm/RMSNorm layers), or None (off).
+            norms of Linear/Embedding/LayerNorm/RMSNorm layers; ``"per_example:norm"`` for the
+            normalisation layers only), or None (off).
         dataset_size: the number of examples sampled *without replacement* (an epoch); the
             collector then applies the finite-population correction.
 
@@ -216,8 +217,8 @@ class Monitor:
         self._enabled = enabled
         self._sender: Sender | None = None
         self._noise: NoiseScale | None = None  # noise scale: small-batch norms (gns.py)
-        if noise_scale is not None and noise_scale not in GNS_MODES:
-            raise ValueError(f"noise_scale must be one of {GNS_MODES} or None")
+        if noise_scale is not None:
+            parse_gns_mode(noise_scale)  # raises ValueError on an unknown mode
         if dataset_size is not None and (not isinstance(dataset_size, int) or dataset_size < 2):
             raise ValueError(f"dataset_size must be an int >= 2, got {dataset_size!r}")
         if not enabled:
