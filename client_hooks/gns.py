@@ -14,6 +14,10 @@ at no extra backward pass, in one of three modes:
   ranks by one small asynchronous all-reduce per bucket, so the mean over ranks is used.
 - ``"per_example"``: per-example norms, b = 1 (:mod:`client_hooks.per_example`).
 
+Under DDP the logged ``batch_size`` must be the global batch (examples per optimizer step
+over all R ranks): a micro-batch is then B/(k·R) examples of one rank, and in the per-example
+mode the big batch is R times the examples this rank's hooks saw.
+
 Every object freezes its measurement in an optimizer step post-hook (before a GradScaler's
 ``update()`` changes the scale) and :meth:`NoiseScale.take` hands it over as device tensors.
 Nothing reads a device value back to the host.
@@ -105,9 +109,10 @@ class _Layered:
 class MicroBatchNorms:
     """Squared norms of every micro-batch's gradient, per layer (mode ``"micro"``)."""
 
-    def __init__(self, params: list[torch.Tensor], layer_ids: list[int]) -> None:
+    def __init__(self, params: list[torch.Tensor], layer_ids: list[int], world: int = 1) -> None:
         device = params[0].device if params else torch.device("cpu")
         self._layers = _Layered(layer_ids, device)
+        self._world = world  # under DDP a micro-batch is local: b = B/(k·R)
         self._norms: list[torch.Tensor] = []
         self._which: list[int] = []
         self._tasks: set[int] = set()
@@ -135,7 +140,7 @@ class MicroBatchNorms:
             sq = sq * float(k)
             if scale is not None:
                 sq = sq / scale.reshape(1).to(sq.device, torch.float64).square()
-        return NoiseSample("micro", self._layers.measured, sq, None, None, k)
+        return NoiseSample("micro", self._layers.measured, sq, None, None, k * self._world)
 
     def reset(self) -> None:
         self._norms, self._which = [], []
@@ -221,15 +226,18 @@ class DDPLocalNorms:
 class PerExampleMode:
     """Mode ``"per_example"``: b = 1, B = the examples the hooks saw this step."""
 
-    def __init__(self, model: torch.nn.Module, layers: Sequence[str], kinds: Sequence[str]) -> None:
+    def __init__(
+        self, model: torch.nn.Module, layers: Sequence[str], kinds: Sequence[str], world: int = 1
+    ) -> None:
         self._pe = PerExampleNorms(kinds).attach(model, layers)
+        self._world = world  # under DDP the examples are local, the big gradient global
 
     def freeze(self, scale: torch.Tensor | None) -> NoiseSample | None:
         got = self._pe.take(scale)
         if got is None or got[2] < 2:
             return None
         ids, sq, batch = got
-        return NoiseSample("per_example", ids, sq, 1.0, float(batch), batch)
+        return NoiseSample("per_example", ids, sq, 1.0, float(batch * self._world), batch)
 
     def reset(self) -> None:
         self._pe.reset()
@@ -274,15 +282,17 @@ class NoiseScale:
         self.mode = mode
         self._scaler = scaler
         params, ids = param_layers(model, layers)
+        ddp = isinstance(wrapped, torch.nn.parallel.DistributedDataParallel)
+        world = torch.distributed.get_world_size(wrapped.process_group) if ddp else 1
         self._impl: MicroBatchNorms | DDPLocalNorms | PerExampleMode
         if mode == "micro":
-            self._impl = MicroBatchNorms(params, ids)
+            self._impl = MicroBatchNorms(params, ids, world)
         elif mode == "ddp":
             if not isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
                 raise ValueError('noise_scale="ddp" needs the DistributedDataParallel model')
             self._impl = DDPLocalNorms(wrapped, params, ids)
         else:
-            self._impl = PerExampleMode(model, layers, kinds)
+            self._impl = PerExampleMode(model, layers, kinds, world)
         self._frozen: NoiseSample | None = None
         self._handle = optimizer.register_step_post_hook(self._on_step)
 

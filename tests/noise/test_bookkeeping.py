@@ -30,7 +30,7 @@ def _records(mode: str, k: int, scaled: bool) -> list[dict[str, Any]]:
         mon = client_hooks.watch(
             model,
             opt,
-            run=f"bk-{mode}-{k}-{scaled}",
+            run=f"bk-{mode.replace(':', '-')}-{k}-{scaled}",
             server=rec.url,
             noise_scale=mode,
             scaler=scaler,
@@ -99,3 +99,21 @@ def test_micro_mode_undoes_1_over_k_and_the_loss_scale(scaled: bool) -> None:
         small, big = _manual(step)
         _close([sum(g["small_sq"])], [small])
         _close([sum(g["big_sq"])], [big])
+
+
+def test_mode_validation_kinds_and_single_micro_batch() -> None:
+    model, _, _ = _problem()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    for bad in ("bogus", "micro:norm", "per_example:conv"):
+        with pytest.raises(ValueError, match="noise_scale"):
+            client_hooks.watch(model, opt, server=None, offline=True, noise_scale=bad)
+    with pytest.raises(ValueError, match="dataset_size"):
+        client_hooks.watch(model, opt, server=None, offline=True, dataset_size=1)
+    # LayerNorm only: run layers are "0" (Linear), "1" (LayerNorm), "3" (Linear): index 1.
+    norm_only = _records("per_example:norm", 1, False)
+    assert {tuple(r["gns"]["layers"]) for r in norm_only} == {(1,)}
+    plain = _records("per_example", 1, False)
+    assert plain[0]["gns"]["layers"] == [0, 1, 2]
+    _close(norm_only[0]["gns"]["small_sq"], [plain[0]["gns"]["small_sq"][1]])
+    # One micro-batch per step: no second batch size, so no gns field (never a fake value).
+    assert all("gns" not in r for r in _records("micro", 1, False))
