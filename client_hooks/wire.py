@@ -73,6 +73,9 @@ Run-level semantics (``RunSpec.semantics``, :data:`DEFAULT_SEMANTICS`) say
 what every record of the run means; they do not vary per record, so records
 do not repeat them. The world size is ``RunSpec.world_size`` and
 ``semantics["world_size"]`` (plus ``semantics["rank"]`` of the sender when > 1).
+With ``watch(noise_scale=...)`` the semantics also hold ``noise_scale`` (the mode) and,
+when declared, ``dataset_size`` (examples sampled without replacement: the collector applies
+the finite-population correction).
 """
 
 from __future__ import annotations
