@@ -72,10 +72,9 @@ def _variant(
     model = copy.deepcopy(base)
     net = wrap(model) if wrap is not None else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    mon = client_hooks.watch(
-        net, opt, run=f"bench-{(mode or 'base').replace(':', '-')}-{k}-{os.getpid()}", server=None, offline=True,
-        spool_dir=spool, batch_size=args.batch, noise_scale=mode, param_every=0,
-    )
+    run = f"bench-{(mode or 'base').replace(':', '-')}-{k}-{os.getpid()}"
+    mon = client_hooks.watch(net, opt, run=run, server=None, offline=True, spool_dir=spool,
+                             batch_size=args.batch, noise_scale=mode, param_every=0)
     gen = torch.Generator().manual_seed(0)
     _MONITORS.append(mon)
 

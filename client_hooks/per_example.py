@@ -279,7 +279,8 @@ class PerExampleNorms:
         if not keep:
             self.reset()
             return None
-        sq = self._sq[keep] * float(batch)
+        # All layers kept (the usual case): no index tensor to build on the host.
+        sq = (self._sq if len(keep) == len(self._count) else self._sq[keep]) * float(batch)
         if scale is not None:
             sq = sq / scale.detach().reshape(1).to(sq.device, torch.float64).square()
         ids = [self.layer_ids[i] for i in keep]
