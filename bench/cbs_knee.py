@@ -10,8 +10,9 @@ Method (McCandlish et al. 2018, §2.3 and §3):
   (≈ d + 1 + d/|w − w*|²).
 * For each batch size B in ``--batches``: plain SGD at each learning rate of a geometric grid
   (``--lrs``), training until the expected loss reaches ``--target`` (runs slower than twice
-  the best so far for that B are cut short); S(B) = the fewest steps over the grid (the learning rate tuned per batch size), averaged over ``--seeds`` data
-  seeds. A run that does not reach the target within ``--max-steps`` does not count.
+  the best so far for that B are cut short); S(B) = the fewest mean steps over the grid
+  (the learning rate tuned per batch size), the mean over ``--seeds`` data seeds. A run that
+  does not reach the target within ``--max-steps`` does not count.
 * Fit S = S_min·(1 + B_crit/B) by least squares in 1/B (``server.analysis.cbs.fit_knee``).
 * Reference run: batch ``--ref-batch`` at its tuned learning rate, watched by the real client
   (``client_hooks.watch(noise_scale="per_example")``) streaming into a real collector (SQLite,
