@@ -2,12 +2,12 @@
 
 Method (McCandlish et al. 2018, §2.3 and §3):
 
-* Task: linear regression on an endless stream of fresh examples, x ~ N(0, I_d) (d = 64),
-  y = xᵀw* + ε, ε ~ N(0, 1), w* ~ N(0, I), the model a bias-free ``nn.Linear(d, 1)`` from
-  w = 0, loss ½(xᵀw − y)². Its expected loss is exact, ½|w − w*|² + ½, so "steps to the
-  target" needs no held-out set and has no evaluation noise. Here the Hessian is I, so
-  McCandlish's B_noise equals B_simple, which grows as the loss falls
-  (≈ d + 1 + d/|w − w*|²).
+* Task: linear regression on an endless stream of fresh examples, x ~ N(0, C) with C
+  diagonal, eigenvalues log-spaced from 0.1 to 1 (d = 64: curvature makes S_min more than a
+  couple of steps), y = xᵀw* + ε, ε ~ N(0, 1), w* ~ N(0, I), the model a bias-free
+  ``nn.Linear(d, 1)`` from w = 0, loss ½(xᵀw − y)². Its expected loss is exact,
+  ½δᵀCδ + ½ (δ = w − w*), so "steps to the target" needs no held-out set and has no
+  evaluation noise. B_simple grows as the loss falls.
 * For each batch size B in ``--batches``: plain SGD at each learning rate of a geometric grid
   (``--lrs``), training until the expected loss reaches ``--target`` (runs slower than twice
   the best so far for that B are cut short); S(B) = the fewest mean steps over the grid
@@ -52,6 +52,10 @@ from server.settings import Settings  # noqa: E402
 D, NOISE = 64, 1.0
 
 
+def _eig() -> torch.Tensor:
+    return torch.logspace(-1, 0, D)
+
+
 def _w_star() -> torch.Tensor:
     return torch.randn(D, generator=torch.Generator().manual_seed(123))
 
@@ -64,14 +68,15 @@ class Stream:
         self.gen = torch.Generator().manual_seed(seed)
 
     def batch(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.randn(n, D, generator=self.gen)
+        x = torch.randn(n, D, generator=self.gen) * _eig().sqrt()
         return x, x @ self.w_star + NOISE * torch.randn(n, generator=self.gen)
 
 
 def expected_loss(model: torch.nn.Module, w_star: torch.Tensor) -> float:
-    """½|w − w*|² + ½s²: the exact population loss for x ~ N(0, I)."""
+    """½δᵀCδ + ½s²: the exact population loss for x ~ N(0, C)."""
     with torch.no_grad():
-        return 0.5 * float((model.weight.reshape(-1) - w_star).square().sum()) + NOISE**2 / 2
+        delta = model.weight.reshape(-1) - w_star
+        return 0.5 * float((_eig() * delta.square()).sum()) + NOISE**2 / 2
 
 
 def steps_to_target(batch: int, lr: float, args: argparse.Namespace, w_star: torch.Tensor,
@@ -117,16 +122,16 @@ def _collector(db: str) -> tuple[str, uvicorn.Server]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--batches", default="4,8,16,32,64,128,256,512,1024,2048")
-    p.add_argument("--lrs", default=",".join(f"{0.01 * 1.5**i:.4g}" for i in range(13)))
-    p.add_argument("--target", type=float, default=1.0)
-    p.add_argument("--max-steps", type=int, default=20000)
+    p.add_argument("--lrs", default=",".join(f"{0.01 * 1.5**i:.4g}" for i in range(14)))
+    p.add_argument("--target", type=float, default=0.6)
+    p.add_argument("--max-steps", type=int, default=2000)
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--ref-batch", type=int, default=64)
     p.add_argument("--horizon", type=int, default=50)
     args = p.parse_args()
     torch.set_num_threads(1)
     w_star = _w_star()
-    start = 0.5 * float(w_star.square().sum()) + NOISE**2 / 2
+    start = 0.5 * float((_eig() * w_star.square()).sum()) + NOISE**2 / 2
     print(f"d={D}: expected loss at init {start:.2f}, floor {NOISE**2 / 2:.2f}, "
           f"target {args.target}")
     batches = [int(b) for b in args.batches.split(",")]
@@ -164,9 +169,12 @@ def main() -> None:
                          params={"horizon": args.horizon}).json()
         server.should_exit = True
     cur = body["current"]
+    def fmt(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.1f}"
+
     print(f"reference run B={args.ref_batch} lr={ref_lr:g}: target reached at step {steps}; "
-          f"service B_simple = {cur['b_simple']:.1f} (95% interval {cur['lo']:.1f}–"
-          f"{cur['hi']:.1f}, EMA horizon {args.horizon} steps)")
+          f"service B_simple = {fmt(cur['b_simple'])} (95% interval {fmt(cur['lo'])}–"
+          f"{fmt(cur['hi'])}, EMA horizon {args.horizon} steps)")
     ratio = cur["b_simple"] / b_crit
     print(f"B_simple / B_crit = {ratio:.2f} (goal: within 3x, i.e. 1/3 to 3)")
 

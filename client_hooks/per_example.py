@@ -33,6 +33,8 @@ import torch
 from torch.nn import functional as F
 from torch.utils.hooks import RemovableHandle
 
+from .norms import ROOT_LAYER
+
 _ACC = torch.float32  # per-example sums are formed in fp32 (bf16/fp16 activations upcast)
 _RMSNORM: tuple[type[torch.nn.Module], ...] = (
     (torch.nn.RMSNorm,) if hasattr(torch.nn, "RMSNorm") else ()
@@ -210,7 +212,8 @@ class PerExampleNorms:
             for p in module.parameters(recurse=False):
                 owners[id(p)] = owners.get(id(p), 0) + 1
         device = None
-        for path, module in model.named_modules():
+        for name, module in model.named_modules():
+            path = name or ROOT_LAYER  # parameters of the model itself: layer "(root)"
             kind = kind_of(module)
             own = [p for p in module.parameters(recurse=False) if p.requires_grad]
             if kind not in self.kinds or not own or path not in index:

@@ -117,3 +117,35 @@ def test_mode_validation_kinds_and_single_micro_batch() -> None:
     _close(norm_only[0]["gns"]["small_sq"], [plain[0]["gns"]["small_sq"][1]])
     # One micro-batch per step: no second batch size, so no gns field (never a fake value).
     assert all("gns" not in r for r in _records("micro", 1, False))
+
+
+def test_per_example_on_a_bare_module_measures_the_root_layer() -> None:
+    """A model that is itself a Linear: its parameters are layer "(root)"."""
+    model = torch.nn.Linear(8, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    rec = Receiver()
+    try:
+        with client_hooks.watch(
+            model,
+            opt,
+            run="bk-root",
+            server=rec.url,
+            batch_size=BATCH,
+            noise_scale="per_example",
+            flush_interval=0.2,
+        ) as mon:
+            x, y = _data(0)
+            _loss(model, x, y).backward()
+            opt.step()
+            mon.log()
+            assert mon.flush(timeout=30)
+        (record,) = rec.steps
+    finally:
+        rec.close()
+    assert rec.runs[0]["layers"] == ["(root)"] and record["gns"]["layers"] == [0]
+    grads = [
+        torch.autograd.grad(_loss(model, x[i : i + 1], y[i : i + 1]), list(model.parameters()))
+        for i in range(BATCH)
+    ]
+    mean_sq = sum(sum(float(g.double().square().sum()) for g in gs) for gs in grads) / BATCH
+    _close(record["gns"]["small_sq"], [mean_sq])
