@@ -80,15 +80,17 @@ def tradeoff(
 def fit_knee(batches: Sequence[float], steps: Sequence[float]) -> tuple[float, float]:
     """Least-squares fit of S = S_min·(1 + B_crit/B) to (batch size, steps to target) pairs.
 
-    S is linear in 1/B: S = a + c·(1/B) with a = S_min, c = S_min·B_crit, so an ordinary
-    least-squares line through (1/B, S) gives S_min = a and B_crit = c/a (McCandlish et al.
-    2018, §2.3 and fig. 4 fit the same relation). Returns (S_min, B_crit).
+    S is linear in 1/B: S = a + c·(1/B) with a = S_min, c = S_min·B_crit (McCandlish et al.
+    2018, §2.3 and fig. 4 fit the same relation). The line is fitted by least squares on the
+    *relative* residuals (S_i − a − c/B_i)/S_i: step counts span orders of magnitude across
+    batch sizes, and plain residuals would let the smallest batch decide S_min alone.
+    Returns (S_min, B_crit).
     """
     x = 1.0 / np.asarray(batches, dtype=np.float64)
     y = np.asarray(steps, dtype=np.float64)
     if len(x) < 2:
         raise ValueError("need at least two batch sizes")
-    c, a = np.polyfit(x, y, 1)
+    c, a = np.polyfit(x, y, 1, w=1.0 / y)
     if a <= 0:
         raise ValueError(f"fit gave S_min = {a:.3g} <= 0: no knee in these points")
     return float(a), float(c / a)
