@@ -115,20 +115,24 @@ class MicroBatchNorms:
         self._world = world  # under DDP a micro-batch is local: b = B/(k·R)
         self._norms: list[torch.Tensor] = []
         self._which: list[int] = []
-        self._tasks: set[int] = set()
+        # Hook calls per parameter this step: k = the most of any parameter. A leaf's tensor
+        # hook fires once per backward pass (with the sum over the parameter's uses), also
+        # inside a reentrant checkpoint's inner backward, which has a graph task of its own:
+        # counting graph tasks would count those as micro-batches.
+        self._calls = [0] * len(params)
         self._handles: list[RemovableHandle] = [
             p.register_hook(partial(self._on_grad, i))  # type: ignore[no-untyped-call]
             for i, p in enumerate(params)
         ]
 
     def _on_grad(self, i: int, grad: torch.Tensor) -> None:
-        self._tasks.add(torch._C._current_graph_task_id())
+        self._calls[i] += 1
         self._norms.append(torch.linalg.vector_norm(grad.detach(), dtype=torch.float32))
         self._which.append(i)
 
     def freeze(self, scale: torch.Tensor | None) -> NoiseSample | None:
         """k·Σ_j |raw_j|²/scale² per layer: the mean of |G_j|² over the k micro-batches."""
-        k = len(self._tasks)
+        k = max(self._calls, default=0)
         norms, which = self._norms, tuple(self._which)
         self.reset()
         if k < 2 or not norms:
@@ -144,7 +148,7 @@ class MicroBatchNorms:
 
     def reset(self) -> None:
         self._norms, self._which = [], []
-        self._tasks = set()
+        self._calls = [0] * len(self._calls)
 
     def detach(self) -> None:
         for h in self._handles:

@@ -149,3 +149,42 @@ def test_per_example_on_a_bare_module_measures_the_root_layer() -> None:
     ]
     mean_sq = sum(sum(float(g.double().square().sum()) for g in gs) for gs in grads) / BATCH
     _close(record["gns"]["small_sq"], [mean_sq])
+
+
+def test_micro_mode_counts_micro_batches_under_reentrant_checkpointing() -> None:
+    """A reentrant checkpoint runs an inner backward (a graph task of its own) per segment:
+    micro-batches are still counted as 4, and the norms are those of the plain loop."""
+    model, _, _ = _problem()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    rec = Receiver()
+    try:
+        with client_hooks.watch(
+            model,
+            opt,
+            run="bk-ckpt",
+            server=rec.url,
+            batch_size=BATCH,
+            noise_scale="micro",
+            flush_interval=0.2,
+        ) as mon:
+            x, y = _data(0)
+            for xs, ys in zip(x.chunk(K), y.chunk(K), strict=True):
+                # Linear + LayerNorm inside the checkpoint, the rest outside (as a model's
+                # blocks are, with embeddings and head outside).
+                inner = torch.utils.checkpoint.checkpoint(
+                    model[:2], xs.requires_grad_(), use_reentrant=True
+                )
+                out = model[2:](inner)
+                ((0.5 * (out.squeeze(-1) - ys).square().mean()) / K).backward()
+            opt.step()
+            opt.zero_grad()
+            mon.log()
+            assert mon.flush(timeout=30)
+        (record,) = rec.steps
+    finally:
+        rec.close()
+    assert record["micro_batches"] == K
+    assert (record["gns"]["b_small"], record["gns"]["b_big"]) == (BATCH / K, float(BATCH))
+    small, big = _manual(0)
+    _close([sum(record["gns"]["small_sq"])], [small])
+    _close([sum(record["gns"]["big_sq"])], [big])
