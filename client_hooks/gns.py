@@ -286,8 +286,9 @@ class NoiseScale:
         self.mode = mode
         self._scaler = scaler
         params, ids = param_layers(model, layers)
-        ddp = isinstance(wrapped, torch.nn.parallel.DistributedDataParallel)
-        world = torch.distributed.get_world_size(wrapped.process_group) if ddp else 1
+        world = 1
+        if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
+            world = torch.distributed.get_world_size(wrapped.process_group)
         self._impl: MicroBatchNorms | DDPLocalNorms | PerExampleMode
         if mode == "micro":
             self._impl = MicroBatchNorms(params, ids, world)

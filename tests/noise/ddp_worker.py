@@ -13,17 +13,17 @@ from tests.noise import linreg
 WORLD = 2
 
 
-def worker(rank: int, port: int, runs: list[tuple[int, str, str]], steps: int) -> None:
-    """Train each (seed, run id, collector URL) in turn; rank 0 sends."""
+def worker(rank: int, port: int, runs: list[tuple[int, str, str, str]], steps: int) -> None:
+    """Train each (seed, run id, collector URL, noise-scale mode) in turn; rank 0 sends."""
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)  # two ranks on a 2-core machine
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
     )
     try:
-        for seed, run, url in runs:
+        for seed, run, url, mode in runs:
             linreg.train(
-                "ddp",
+                mode,
                 seed,
                 url,
                 run,

@@ -29,7 +29,7 @@ def test_linear_regression_end_to_end(collector: Collector, api: httpx.Client, m
     if mode == "ddp":
         mp.spawn(
             worker,
-            args=(free_port(), [(0, run, collector.url)], linreg.STEPS),
+            args=(free_port(), [(0, run, collector.url, "ddp")], linreg.STEPS),
             nprocs=WORLD,
             join=True,
         )

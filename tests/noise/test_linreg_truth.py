@@ -38,19 +38,24 @@ def test_single_process_modes_four_seeds(mode: str) -> None:
 
 
 def test_ddp_mode_four_seeds() -> None:
+    """Seeds 1-3 in mode "ddp"; plus per_example under DDP (local examples, global batch)."""
     truth = linreg.truth()
-    recs = [Receiver() for _ in SEEDS]
+    recs = [Receiver() for _ in range(len(SEEDS) + 1)]
     try:
-        runs = [(seed, f"lr-ddp-{seed}", r.url) for seed, r in zip(SEEDS, recs, strict=True)]
+        runs = [
+            (seed, f"lr-ddp-{seed}", r.url, "ddp") for seed, r in zip(SEEDS, recs[:-1], strict=True)
+        ]
+        runs.append((1, "lr-ddp-pe", recs[-1].url, "per_example"))
         mp.spawn(worker, args=(free_port(), runs, linreg.STEPS), nprocs=WORLD, join=True)
-        for seed, rec in zip(SEEDS, recs, strict=True):
+        for (_, run, _, mode), rec in zip(runs, recs, strict=True):
             records = rec.steps
             assert len(records) == linreg.STEPS
+            b_small = linreg.BATCH / WORLD if mode == "ddp" else 1.0
             assert {(r["gns"]["b_small"], r["gns"]["b_big"]) for r in records} == {
-                (linreg.BATCH / WORLD, float(linreg.BATCH))
+                (b_small, float(linreg.BATCH))
             }
             est = linreg.estimate(records)
-            assert abs(est / truth - 1) <= TOL, (seed, est, truth)
+            assert abs(est / truth - 1) <= TOL, (run, est, truth)
     finally:
         for r in recs:
             r.close()
