@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
 
 from server.api.responses import WireJSONResponse
 from server.db import SessionDep, SettingsDep
+from server.schemas_noise import NoiseScaleResponse
 from server.services import noise
 
 router = APIRouter(prefix="/api/v1", tags=["read"])
 
 
-@router.get("/runs/{run_id}/noise-scale", response_model=dict[str, Any])
+@router.get("/runs/{run_id}/noise-scale", response_model=NoiseScaleResponse)
 def get_noise_scale(
     run_id: str,
     session: SessionDep,

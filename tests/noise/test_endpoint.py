@@ -8,6 +8,7 @@ import httpx
 import pytest
 import torch.multiprocessing as mp
 
+from server.schemas_noise import NoiseScaleResponse
 from tests.conftest import Collector, free_port, new_run_id
 from tests.noise import linreg
 from tests.noise.ddp_worker import WORLD, worker
@@ -19,6 +20,7 @@ def _noise(api: httpx.Client, run: str, **params: Any) -> dict[str, Any]:
     got = api.get(f"/api/v1/runs/{run}/noise-scale", params=params)
     assert got.status_code == 200, got.text
     body: dict[str, Any] = got.json()
+    NoiseScaleResponse.model_validate(body)  # the documented (OpenAPI) shape, strictly
     return body
 
 
@@ -166,3 +168,5 @@ def test_reserved_scalar_names_and_unknown_run(api: httpx.Client) -> None:
     missing = api.get("/api/v1/runs/no-such-run/noise-scale")
     assert missing.status_code == 404 and missing.json()["error"] == "RunNotFound"
     assert api.get(f"/api/v1/runs/{run}/noise-scale", params={"horizon": -1}).status_code == 422
+    spec = api.get("/openapi.json").json()
+    assert "NoiseScaleResponse" in str(spec["paths"]["/api/v1/runs/{run_id}/noise-scale"])
