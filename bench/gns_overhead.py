@@ -20,6 +20,11 @@ Method:
   forward+backward+step+log; the table shows the median step time, its ratio to the
   baseline, and the median of round-paired ratios (more robust to drift).
 
+* ``--hooks``: instead, time the noise-scale hooks themselves (``perf_counter`` around every
+  forward/tensor hook and the step/take calls of :mod:`client_hooks.gns` and
+  :mod:`client_hooks.per_example`), per step and as a share of the step: a figure that the
+  machine's load affects far less than a ratio of two noisy step times.
+
 Targets (issue 4): micro and ddp ≤ 1.01, per_example ≤ 1.10, per_example:norm ≤ 1.02.
 
 Run: ``.venv/bin/python bench/gns_overhead.py`` (``--help`` for sizes).
@@ -137,6 +142,49 @@ def _ddp_worker(rank: int, port: int, args: argparse.Namespace, out: str) -> Non
         dist.destroy_process_group()
 
 
+def _hook_times(args: argparse.Namespace) -> None:
+    """Time spent inside the noise-scale hooks per step, for each single-process mode."""
+    import functools
+
+    from client_hooks import gns, per_example
+
+    spent = [0.0]
+
+    def timed(f: Callable[..., object]) -> Callable[..., object]:
+        @functools.wraps(f)
+        def inner(*a: object, **k: object) -> object:
+            t0 = time.perf_counter()
+            try:
+                return f(*a, **k)
+            finally:
+                spent[0] += time.perf_counter() - t0
+
+        return inner
+
+    for cls, names in ((per_example.PerExampleNorms, ("_on_forward", "_on_grad_out")),
+                       (gns.MicroBatchNorms, ("_on_grad",)),
+                       (gns.NoiseScale, ("_on_step", "take"))):
+        for name in names:
+            setattr(cls, name, timed(getattr(cls, name)))
+    torch.manual_seed(0)
+    base = TinyGPT(vocab=args.vocab, dim=args.dim, depth=args.depth, seq=args.seq)
+    print("| mode | hook time per step (ms) | step (ms) | share |\n| --- | --- | --- | --- |")
+    with tempfile.TemporaryDirectory() as spool:
+        for mode, k in (("per_example:norm", 1), ("per_example", 1), ("micro", 4)):
+            step = _variant(base, args, spool, mode, k)
+            for _ in range(2):
+                step()
+            spent[0], total = 0.0, 0.0
+            n = args.rounds * args.steps
+            for _ in range(n):
+                t0 = time.perf_counter()
+                step()
+                total += time.perf_counter() - t0
+            print(f"| {mode} | {spent[0] / n * 1e3:.2f} | {total / n * 1e3:.1f} "
+                  f"| {spent[0] / total:.3f} |")
+        _close_all()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--vocab", type=int, default=256)
@@ -148,8 +196,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-ddp", action="store_true")
+    p.add_argument("--hooks", action="store_true", help="time the hooks instead")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.hooks:
+        _hook_times(args)
+        return
     torch.manual_seed(0)
     base = TinyGPT(vocab=args.vocab, dim=args.dim, depth=args.depth, seq=args.seq)
     n_params = sum(p.numel() for p in base.parameters())
