@@ -55,6 +55,8 @@ from torch.utils.hooks import RemovableHandle
 
 from . import spool as spool_mod
 from . import wire
+from .gns import NoiseScale
+from .gns import parse_mode as parse_gns_mode
 from .norms import LayerNorms
 from .record import PendingStep
 from .sender import Sender
@@ -76,7 +78,8 @@ def watch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, project: 
           rank: int | None = None, all_ranks: bool = False, offline: bool = False,
           spool_dir: str | os.PathLike[str] | None = None, spool: bool = True,
           spool_max_bytes: int = spool_mod.DEFAULT_MAX_BYTES, param_every: int = 10,
-          log_every: int = 1) -> Monitor:
+          log_every: int = 1, noise_scale: str | None = None,
+          dataset_size: int | None = None) -> Monitor:
     """Start streaming gradient telemetry of ``model`` trained by ``optimizer``.
 
     Call ``mon.log(loss=..., batch_size=...)`` once per optimizer step, after
@@ -115,6 +118,14 @@ def watch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, project: 
             count of the grad norm, each layer's grad norm, the loss and the extra scalars over
             all the window's steps, so a spike between records is kept. Calling ``log()`` only
             every N steps does the same for the norms of the steps it skipped.
+        noise_scale: measure the small-batch squared gradient norms the collector turns into
+            the gradient noise scale (:mod:`client_hooks.gns`): ``"micro"`` (micro-batches of
+            gradient accumulation vs the accumulated gradient), ``"ddp"`` (each rank's local
+            gradient vs the all-reduced one; pass the DDP model), ``"per_example"`` (per-example
+            norms of Linear/Embedding/LayerNorm/RMSNorm layers; ``"per_example:norm"`` for the
+            normalisation layers only), or None (off).
+        dataset_size: the number of examples sampled *without replacement* (an epoch); the
+            collector then applies the finite-population correction.
 
     Raises:
         ValueError: a malformed run id, server URL or queue setting (setup errors, not
@@ -125,7 +136,8 @@ def watch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, project: 
                    flush_interval=flush_interval, max_queue=max_queue, enabled=enabled,
                    scaler=scaler, rank=rank, all_ranks=all_ranks, offline=offline,
                    spool_dir=spool_dir, spool=spool, spool_max_bytes=spool_max_bytes,
-                   param_every=param_every, log_every=log_every)
+                   param_every=param_every, log_every=log_every, noise_scale=noise_scale,
+                   dataset_size=dataset_size)
 
 
 def new_run_id(project: str) -> str:
@@ -175,7 +187,8 @@ class Monitor:
                  rank: int | None = None, all_ranks: bool = False, offline: bool = False,
                  spool_dir: str | os.PathLike[str] | None = None, spool: bool = True,
                  spool_max_bytes: int = spool_mod.DEFAULT_MAX_BYTES,
-                 param_every: int = 10, log_every: int = 1) -> None:
+                 param_every: int = 10, log_every: int = 1, noise_scale: str | None = None,
+                 dataset_size: int | None = None) -> None:
         self.world_size, self.rank = _world(rank)
         self.run_id = new_run_id(project) if run is None else run
         if self.rank > 0 and all_ranks:
@@ -196,6 +209,7 @@ class Monitor:
         self.project = project
         self._optimizer = optimizer
         self._scaler = scaler
+        wrapped = model  # noise scale (ddp mode) hooks the DDP wrapper
         model, bucket_view, compiled = _unwrap(model)
         # With gradient_as_bucket_view the local gradient is all-reduced in place while
         # callback A runs: no clean local norm to take.
@@ -228,11 +242,20 @@ class Monitor:
         self._closed = False
         self._enabled = enabled
         self._sender: Sender | None = None
+        self._noise: NoiseScale | None = None  # noise scale: small-batch norms (gns.py)
+        if noise_scale is not None:
+            parse_gns_mode(noise_scale)  # raises ValueError on an unknown mode
+        if dataset_size is not None and (not isinstance(dataset_size, int) or dataset_size < 2):
+            raise ValueError(f"dataset_size must be an int >= 2, got {dataset_size!r}")
         if not enabled:
             return
         semantics = {**wire.DEFAULT_SEMANTICS, "world_size": self.world_size}
         if self.world_size > 1:
             semantics["rank"] = self.rank
+        if noise_scale is not None:  # noise scale: how the small batch is measured
+            semantics["noise_scale"] = noise_scale
+        if dataset_size is not None:  # noise scale: finite-population correction
+            semantics["dataset_size"] = dataset_size
         spec = {"id": self.run_id, "project": project, "name": name or self.run_id,
                 "config": _jsonable(dict(config or {})), "tags": [str(t) for t in tags or ()],
                 "batch_size": batch_size, "world_size": self.world_size, "layers": self.layers,
@@ -265,6 +288,9 @@ class Monitor:
                 self._handles.append(handle)
         self._handles.append(optimizer.register_step_pre_hook(self._on_step_pre))
         self._handles.append(optimizer.register_step_post_hook(self._on_step))
+        if noise_scale is not None:  # noise scale: self-contained hooks (client_hooks/gns.py)
+            self._noise = NoiseScale(noise_scale, wrapped, model, self.layers, optimizer,
+                                     scaler)
 
     # -- public API -----------------------------------------------------------------------
 
@@ -327,6 +353,8 @@ class Monitor:
         self._handles.clear()
         self._send_held()
         self._before = None  # a weight copy left by a step that raised
+        if self._noise is not None:  # noise scale
+            self._noise.close()
         if self._sender is not None:
             self._sender.close(timeout)
 
@@ -563,6 +591,16 @@ class Monitor:
         if params is not None:
             item.param_layers = len(self.layers)
             parts.append(params)
+        # Noise scale: small-batch squared norms and the same layers' big-batch ones (the
+        # squared pre-clip norms above); the sender unpacks them into the "gns" field.
+        sample = self._noise.take() if self._noise is not None else None
+        sizes = sample.sizes(self._batch_size if batch_size is None else batch_size
+                             ) if sample is not None else None
+        if sample is not None and sizes is not None and norms is not None:
+            big = norms[[1 + i for i in sample.layer_ids]].double().square()
+            parts.append(torch.cat([sample.small_sq, big]).to(norms.device, torch.float32))
+            item.gns = {"mode": sample.mode, "b_small": sizes[0], "b_big": sizes[1],
+                        "layers": sample.layer_ids}
         values: dict[str, Any] = {"loss": loss, "lr": lrs[0] if lrs else None,
                                   "step_time": step_time,
                                   "batch_size": batch_size, "samples": samples, "tokens": tokens,

@@ -15,11 +15,11 @@ from .window import unpack
 _ORDER = ("step", "wall_time", "step_time", "loss", "lr", "grad_norm", "batch_size", "samples",
           "tokens", "nonfinite", "layer_grad_norms", "layer_nonfinite", "clip_coef", "loss_scale",
           "local_grad_norm", "overflow", "micro_batches", "layer_param_norms",
-          "layer_update_norms", "lrs", "scalars", "window")
+          "layer_update_norms", "gns", "lrs", "scalars", "window")
 _INT_FIELDS = frozenset(("batch_size", "samples", "tokens", "micro_batches"))
 # What an overflowed (skipped) step does not report: its gradient is inf/NaN, scaled.
 _NORM_FIELDS = ("grad_norm", "layer_grad_norms", "layer_nonfinite", "nonfinite", "clip_coef",
-                "local_grad_norm", "layer_param_norms", "layer_update_norms")
+                "local_grad_norm", "layer_param_norms", "layer_update_norms", "gns")
 
 
 class _Event(Protocol):
@@ -49,6 +49,9 @@ class PendingStep:
     scalars: dict[str, int | float] = field(default_factory=dict)
     n_layers: int | None = None
     param_layers: int | None = None
+    # Noise scale: {"mode", "b_small", "b_big", "layers"}; ``2 * len(layers)`` packed values
+    # (small-batch then big-batch squared norms) follow the param norms.
+    gns: dict[str, Any] | None = None
     packed: list[tuple[str, str | None]] = field(default_factory=list)
     host: torch.Tensor | None = None
     event: _Event | None = None
@@ -75,6 +78,11 @@ class PendingStep:
             n = self.param_layers
             out.update(layer_param_norms=values[pos : pos + n],
                        layer_update_norms=values[pos + n : pos + 2 * n])
+            pos += 2 * n
+        if self.gns is not None:  # noise scale
+            n = len(self.gns["layers"])
+            out["gns"] = {**self.gns, "small_sq": values[pos : pos + n],
+                          "big_sq": values[pos + n : pos + 2 * n]}
             pos += 2 * n
         if "lrs" in out:
             out["lrs"] = list(out["lrs"])  # filled in below where a group's lr is a tensor

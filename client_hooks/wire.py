@@ -62,6 +62,13 @@ The other per-step fields:
   tensors' squared norms). The collector stores both and their ratio, the
   update-to-weight ratio |Δw_l| / |w_l| (layer metric ``update_ratio``; 0/0 is
   NaN). Absent from overflow records.
+- ``gns`` (with ``watch(noise_scale=...)``): squared gradient norms at two batch sizes
+  for the gradient noise scale, ``{"mode": "micro"|"ddp"|"per_example", "b_small": b,
+  "b_big": B, "layers": [i, ...], "small_sq": [...], "big_sq": [...]}``: for each run layer
+  index in ``layers``, ``small_sq`` is the mean over the step's small batches (micro-batches,
+  ranks or examples) of the layer's squared gradient norm at batch size b, and ``big_sq`` the
+  squared norm of the step's gradient (batch size B), both unscaled. Absent from overflow
+  records and from steps where b < B cannot be had (one micro-batch, unknown batch size).
 - ``lrs``: the learning rate of every optimizer param group, in group order,
   when there is more than one group (``lr`` is always group 0's). The
   collector stores ``lrs[i]`` as the scalar series ``lr/group{i}``, so a
@@ -93,6 +100,9 @@ Run-level semantics (``RunSpec.semantics``, :data:`DEFAULT_SEMANTICS`) say
 what every record of the run means; they do not vary per record, so records
 do not repeat them. The world size is ``RunSpec.world_size`` and
 ``semantics["world_size"]`` (plus ``semantics["rank"]`` of the sender when > 1).
+With ``watch(noise_scale=...)`` the semantics also hold ``noise_scale`` (the mode) and,
+when declared, ``dataset_size`` (examples sampled without replacement: the collector applies
+the finite-population correction).
 """
 
 from __future__ import annotations

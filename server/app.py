@@ -17,6 +17,7 @@ from server import __version__, errors
 from server.alerts.metrics import alert_gauges
 from server.alerts.worker import AlertWorker
 from server.api import alerts, health, ingest, pages, runs
+from server.api import noise as noise_api
 from server.db import make_engine
 from server.metrics import (
     DatabaseCollector,
@@ -66,6 +67,7 @@ def create_app(
     app.include_router(ingest.router)
     app.include_router(runs.router)
     app.include_router(alerts.router)
+    app.include_router(noise_api.router)  # noise scale
     app.include_router(health.router)
     install_metrics_route(app, registry)
     app.include_router(pages.router)

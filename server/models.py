@@ -40,6 +40,7 @@ NAMING_CONVENTION = {
 WINDOW_STATS = ("max", "min", "mean", "nonfinite")
 LAYER_METRICS = (
     "grad_norm", "nonfinite", "param_norm", "update_norm", "update_ratio",
+    "gns_small_sq", "gns_big_sq",  # noise scale: server/services/noise.py
     *(f"grad_norm:{stat}" for stat in WINDOW_STATS),
 )
 

@@ -89,6 +89,17 @@ class WindowIn(Strict):
     layers: dict[Literal["grad_norm"], WindowLayerStats] = Field(default_factory=dict)
 
 
+class GnsIn(Strict):
+    """Noise scale: squared gradient norms at two batch sizes (``client_hooks.wire``)."""
+
+    mode: Literal["micro", "ddp", "per_example"]
+    b_small: Annotated[float, Field(gt=0, allow_inf_nan=False)]
+    b_big: Annotated[float, Field(gt=0, allow_inf_nan=False)]
+    layers: list[Annotated[int, Field(strict=True, ge=0)]] = Field(min_length=1)
+    small_sq: list[float]
+    big_sq: list[float]
+
+
 class StepIn(Strict):
     """One optimizer step as the client reports it (see ``client_hooks.wire``)."""
 
@@ -111,6 +122,7 @@ class StepIn(Strict):
     micro_batches: Count | None = None
     layer_param_norms: list[float] | None = None
     layer_update_norms: list[float] | None = None
+    gns: GnsIn | None = None  # noise scale
     lrs: list[float] | None = Field(default=None, max_length=MAX_PARAM_GROUPS)
     scalars: dict[ScalarName, float] = Field(default_factory=dict)
     window: WindowIn | None = None

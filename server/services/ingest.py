@@ -18,6 +18,7 @@ from server.models import STEP_SERIES, WINDOW_STATS, LayerValues, Scalar, Step, 
 from server.schemas import IngestResult, StepBatch, StepIn
 from server.services import rollups
 from server.services.alerts import analyze_ingested
+from server.services.noise import check_gns, gns_rows
 from server.services.runs import get_run
 from server.settings import Settings
 
@@ -164,6 +165,12 @@ def ingest_steps(
         w_scalars, w_layers = window_rows(run.pk, s)
         scalar_rows.extend(w_scalars)
         layer_rows.extend(w_layers)
+        if s.gns is not None:  # noise scale: scalar series gns/* and layer metrics gns_*
+            gns_scalars, gns_layers = gns_rows(s.gns, len(run.layers))
+            scalar_rows.extend({"run_pk": run.pk, "name": k, "step": s.step, "value": v}
+                               for k, v in gns_scalars.items())
+            layer_rows.extend({"run_pk": run.pk, "metric": k, "step": s.step, "values": v}
+                              for k, v in gns_layers.items())
     _upsert(session, Step.__table__, step_rows, ("run_pk", "step"))
     _upsert(session, LayerValues.__table__, layer_rows, ("run_pk", "metric", "step"))
     rollups.refresh_layers(session, run.pk, len(run.layers), layer_rows)  # fast long reads
@@ -204,6 +211,7 @@ def _check_steps(steps: Sequence[StepIn], n_layers: int) -> None:
             )
         if s.window is not None:
             _check_window(i, s, n_layers)
+        check_gns(s, i, n_layers)  # noise scale
         for field in LAYER_FIELDS:
             values = getattr(s, field)
             if values is not None and len(values) != n_layers:

@@ -78,7 +78,10 @@ def test_pre_clip_norms_per_layer_and_total(receiver: Receiver) -> None:
         assert rec["scalars"] == {"attn_max": 2 * loss, "epoch": 0}
         # Weight and update norms every param_every (default 10) steps: here step 0 only.
         params = {"layer_param_norms", "layer_update_norms"} if rec["step"] == 0 else set()
-        assert set(rec) == {"step", "wall_time", "loss", "lr", "grad_norm", "batch_size",
+        # step_time: from the end of the previous step, so not on the first.
+        timed = {"step_time"} if rec["step"] > 0 else set()
+        assert 0 < rec.get("step_time", 1) < 60
+        assert set(rec) == {*timed, "step", "wall_time", "loss", "lr", "grad_norm", "batch_size",
                             "samples", "tokens", "nonfinite", "layer_grad_norms",
                             "layer_nonfinite", "clip_coef", "micro_batches", "scalars",
                             *params}
