@@ -25,6 +25,7 @@ from server.metrics import (
     install_http_metrics,
     install_metrics_route,
 )
+from server.services.noise import noise_gauges
 from server.settings import Settings
 
 log = logging.getLogger("gradsentry.server")
@@ -62,6 +63,7 @@ def create_app(
         app.state.sessionmaker, engine, settings.metrics_active_window_s, settings.metrics_max_runs
     )
     app.state.db_metrics.add_source(alert_gauges)
+    app.state.db_metrics.add_source(noise_gauges)
     registry.register(app.state.db_metrics)
     _install_error_handlers(app)
     app.include_router(ingest.router)

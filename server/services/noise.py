@@ -12,6 +12,7 @@ collector process answers the same.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -20,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from server import errors
 from server.analysis import cbs, gns
+from server.metrics import ActiveRun, Sample, run_labels
 from server.models import LayerValues, Run, Scalar
 from server.schemas import GnsIn, StepIn
 from server.services.runs import get_run
@@ -95,12 +97,15 @@ def _none(x: float) -> float | None:
     return float(x) if math.isfinite(x) else None
 
 
-def _read(session: Session, run: Run) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    rows = session.execute(
-        select(Scalar.name, Scalar.step, Scalar.value)
-        .where(Scalar.run_pk == run.pk, Scalar.name.in_(SCALARS))
-        .order_by(Scalar.step)
-    ).all()
+def _read(
+    session: Session, run: Run, since: int | None = None
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    query = select(Scalar.name, Scalar.step, Scalar.value).where(
+        Scalar.run_pk == run.pk, Scalar.name.in_(SCALARS)
+    )
+    if since is not None:
+        query = query.where(Scalar.step >= since)
+    rows = session.execute(query.order_by(Scalar.step)).all()
     steps = np.array(sorted({r[1] for r in rows}), dtype=np.int64)
     pos = {s: i for i, s in enumerate(steps.tolist())}
     cols = {name: np.full(len(steps), np.nan) for name in SCALARS}
@@ -226,3 +231,35 @@ def noise_scale(
     if group_depth is not None:
         out["groups"] = _groups(session, run, steps, cols, group_depth, horizon, n)
     return out
+
+
+def latest_b_simple(session: Session, run: Run, horizon: int = DEFAULT_HORIZON) -> float | None:
+    """The current B_simple of ``run`` (as ``noise_scale`` reports it, None while undefined),
+    from the last 4 horizons of measurements only: the EMA's weight beyond them is e^-4 < 2%,
+    and a scrape must not read a long run whole."""
+    if run.last_step is None:
+        return None
+    steps, cols = _read(session, run, since=run.last_step - 4 * horizon)
+    if not len(steps):
+        return None
+    g2, tr = _per_step(
+        cols["gns/b_small"], cols["gns/b_big"], cols["gns/small_sq"], cols["gns/big_sq"],
+        dataset_size(run),
+    )
+    series = gns.noise_series(g2, tr, horizon, interval_every=max(1, len(steps)))
+    b = float(series.b_simple[-1])
+    return b if math.isfinite(b) else None
+
+
+def noise_gauges(session: Session, active: Sequence[ActiveRun]) -> Iterator[Sample]:
+    """``gradsentry_run_b_simple`` for active runs that measure the noise scale."""
+    if not active:
+        return
+    by_pk = {r.pk: r for r in active}
+    runs = session.scalars(select(Run).where(Run.pk.in_(list(by_pk)))).all()
+    for run in runs:
+        if not (run.semantics or {}).get("noise_scale"):
+            continue
+        b = latest_b_simple(session, run)
+        if b is not None:
+            yield Sample("gradsentry_run_b_simple", b, run_labels(by_pk[run.pk]))

@@ -7,6 +7,7 @@ from typing import Any
 import httpx
 import pytest
 import torch.multiprocessing as mp
+from prometheus_client.parser import text_string_to_metric_families
 
 from server.schemas_noise import NoiseScaleResponse
 from tests.conftest import Collector, free_port, new_run_id
@@ -56,6 +57,16 @@ def test_linear_regression_end_to_end(collector: Collector, api: httpx.Client, m
     # Downsampled reads keep the last point and the current estimate.
     small = _noise(api, run, horizon=0, max_points=10)["series"]
     assert len(small["step"]) <= 11 and small["step"][-1] == linreg.STEPS - 1
+    # /metrics carries the current estimate at the default horizon for this active run.
+    default = _noise(api, run)["current"]["b_simple"]
+    text = api.get("/metrics").text
+    gauges = {
+        s.labels["run"]: s.value
+        for f in text_string_to_metric_families(text)
+        if f.name == "gradsentry_run_b_simple"
+        for s in f.samples
+    }
+    assert gauges[run] == pytest.approx(default, rel=1e-9)
 
 
 def _create(api: httpx.Client, **semantics: Any) -> str:
