@@ -283,11 +283,7 @@ def layer_matrix(
         cols = [index[name] for name in layers]
     else:
         layers, cols = list(run.layers), list(range(len(run.layers)))
-    where = and_(LayerValues.run_pk == run.pk, LayerValues.metric == metric)
-    if start is not None:
-        where = and_(where, LayerValues.step >= start)
-    if end is not None:
-        where = and_(where, LayerValues.step <= end)
+    where = _layer_where(run, metric, start, end)
     first, last = session.execute(
         select(func.min(LayerValues.step), func.max(LayerValues.step)).where(where)
     ).one()
@@ -306,6 +302,16 @@ def layer_matrix(
     )
 
 
+def _layer_where(run: Run, metric: str, start: int | None, end: int | None) -> Any:
+    """The ``layer_values`` rows of one metric of ``run`` inside [start, end]."""
+    where = and_(LayerValues.run_pk == run.pk, LayerValues.metric == metric)
+    if start is not None:
+        where = and_(where, LayerValues.step >= start)
+    if end is not None:
+        where = and_(where, LayerValues.step <= end)
+    return where
+
+
 def _layer_windows(
     session: Session, run: Run, metric: str, start: int | None, end: int | None
 ) -> Pieces:
@@ -314,11 +320,7 @@ def _layer_windows(
     width = len(run.layers)
     found = {}
     for stat in ("min", "max"):
-        where = and_(LayerValues.run_pk == run.pk, LayerValues.metric == f"{metric}:{stat}")
-        if start is not None:
-            where = and_(where, LayerValues.step >= start)
-        if end is not None:
-            where = and_(where, LayerValues.step <= end)
+        where = _layer_where(run, f"{metric}:{stat}", start, end)
         found[stat] = rollups.layer_raw(session, where, width)
     lows, highs = found["min"], found["max"]
     if not len(highs) or not np.array_equal(lows.first, highs.first):
