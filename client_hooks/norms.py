@@ -30,6 +30,7 @@ class _Group:
     layer_ids: torch.Tensor  # long, on the output device
     norm_dtype: torch.dtype | None
     weights: torch.Tensor | None = None  # per tensor, when sharded: 1 for shards, 1/ranks else
+    everything: bool = False  # the group holds every tensor, in order (the common case)
 
 
 class LayerNorms:
@@ -82,10 +83,12 @@ class LayerNorms:
         bad = torch.zeros(n, dtype=self._acc, device=self.device)
         with torch.no_grad():  # grads require grad under create_graph=True; record nothing
             groups = self._group_norms()
+            total_sq = torch.zeros(1, dtype=self._acc, device=self.device)
             for group, stacked in groups:
-                sq.index_add_(0, group.layer_ids, self._weigh(group, stacked.square()))
+                squares = self._weigh(group, stacked.square())
+                sq.index_add_(0, group.layer_ids, squares)
                 bad.index_add_(0, group.layer_ids, (~torch.isfinite(stacked)).to(self._acc))
-            total_sq = self._total_sq(groups)
+                total_sq = total_sq + squares.sum()
             if self.sharding.active:
                 sq, bad, total_sq = self.sharding.sum(sq, bad, total_sq)
                 bad = torch.minimum(bad, self._tensors_per_layer)  # shards of one tensor
@@ -112,8 +115,8 @@ class LayerNorms:
         unscaling are in place), so a norm computed earlier still holds. Not for sharded
         (DTensor) gradients: in-place ops on a DTensor bump no version counter.
         """
-        grads = (None if p.grad is None else _local(p.grad) for p in self.params)
-        return tuple((0, -1) if g is None else (g.data_ptr(), g._version) for g in grads)
+        return tuple((0, -1) if g is None else (g.data_ptr(), g._version)
+                     for g in self._grads())
 
     def snapshot(self) -> list[torch.Tensor]:
         """A copy of every parameter (one batched ``_foreach_mul``; torch falls back to one
@@ -170,9 +173,8 @@ class LayerNorms:
     ) -> list[tuple[_Group, torch.Tensor]]:
         """Each group of ``tensors`` (one per parameter, in order; default: the current
         gradients) with its tensors' norms in the accumulator dtype."""
-        grads: list[torch.Tensor | None] = [
-            None if g is None else _local(g)
-            for g in ([p.grad for p in self.params] if tensors is None else tensors)]
+        grads: list[torch.Tensor | None] = self._grads() if tensors is None else (
+            [_local(t) for t in tensors] if self.sharding.active else list(tensors))
         key = tuple(None if g is None else g.dtype for g in grads)
         plan = self._plans.get(key)
         if plan is None:
@@ -182,10 +184,16 @@ class LayerNorms:
             self._plans[key] = plan
         out = []
         for group in plan:
-            present = [grads[i] for i in group.positions]
+            present = grads if group.everything else [grads[i] for i in group.positions]
             norms = _foreach_norm(present, group.norm_dtype)  # type: ignore[arg-type]
             out.append((group, torch.stack(norms).to(self.device, self._acc, non_blocking=True)))
         return out
+
+    def _grads(self) -> list[torch.Tensor | None]:
+        """The current gradients (local shards when sharded), one per parameter."""
+        if self.sharding.active:
+            return [None if p.grad is None else _local(p.grad) for p in self.params]
+        return [p.grad for p in self.params]
 
     def _plan(self, grads: list[torch.Tensor | None]) -> list[_Group]:
         groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
@@ -200,7 +208,8 @@ class LayerNorms:
             weights = self.sharding.weights([self.params[i] for i in positions])
             if weights is not None:
                 weights = weights.to(self.device, self._acc)
-            plan.append(_Group(tuple(positions), ids, torch.float32 if low else None, weights))
+            plan.append(_Group(tuple(positions), ids, torch.float32 if low else None, weights,
+                               len(positions) == len(grads)))
         return plan
 
 
