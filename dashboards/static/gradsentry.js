@@ -96,7 +96,7 @@ const GS = (() => {
       {type: "scatter", mode: "lines", x: s.step, y: y("lo"), line: {width: 0}, showlegend: false, hoverinfo: "skip"},
       {type: "scatter", mode: "lines", x: s.step, y: y("hi"), fill: "tonexty", line: {width: 0},
        fillcolor: "#2355c433", name: "interval"},
-      {type: "scatter", mode: "lines", x: s.step, y: y("b_simple").map(v => v && v * 1.001), name: "B_simple (critical batch size)",
+      {type: "scatter", mode: "lines", x: s.step, y: y("b_simple"), name: "B_simple (critical batch size)",
        line: {color: "#2355c4"}},
     ];
     const shapes = bs ? [{type: "line", xref: "paper", x0: 0, x1: 1, y0: bs, y1: bs,
@@ -119,7 +119,7 @@ const GS = (() => {
 
     async function refresh() {
       const [figs, alerts] = await Promise.all([getJSON(`${base}/figures.json`), runAlerts(run)]);
-      if (alerts) { alertMarkers(figs.figures.loss, alerts); }
+      if (alerts) { alertMarkers(figs.figures.loss, alerts); alertMarkers(figs.figures.grad_norm, alerts); }
       draw("loss", figs.figures.loss);
       draw("grad_norm", figs.figures.grad_norm);
       const heat = draw("heatmap", figs.figures.heatmap, "no per-layer data yet");
@@ -215,7 +215,7 @@ const GS = (() => {
           b.textContent = "acknowledge"; b.className = "ack";
           b.onclick = async () => {
             await getJSON(`/api/v1/alerts/${a.id}/ack`, {method: "POST",
-              headers: {"Content-Type": "application/json"}, body: JSON.stringify({by: "dash", comment: null})});
+              headers: {"Content-Type": "application/json"}, body: JSON.stringify({by: "dashboard", comment: null})});
             await load();
           };
           td.appendChild(b);
@@ -232,10 +232,10 @@ const GS = (() => {
         const tr = body.insertRow();
         cell(tr, s.id); cell(tr, s.project); cell(tr, s.run); cell(tr, s.rule);
         cell(tr, s.step_from != null || s.step_to != null ? `${s.step_from ?? ""}–${s.step_to ?? ""}` : null);
-        cell(tr, s.ends_at); cell(tr, s.comment + "");
+        cell(tr, s.ends_at); cell(tr, s.comment);
         const b = document.createElement("button");
         b.textContent = "expire";
-        b.onclick = async () => { await load(); };
+        b.onclick = async () => { await fetch(`/api/v1/silences/${s.id}`, {method: "DELETE"}); await load(); };
         tr.insertCell().appendChild(b);
       }
     }
