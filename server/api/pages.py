@@ -13,7 +13,6 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import FileResponse, HTMLResponse
-from fastapi.routing import APIRoute
 from fastapi.templating import Jinja2Templates
 
 from dashboards import STATIC_DIR, TEMPLATES_DIR, plotly_js_path
@@ -49,7 +48,9 @@ PollQ = Annotated[int, Query(ge=200, le=600_000, description="refresh interval, 
 
 def features(request: Request) -> dict[str, bool]:
     """Which optional REST endpoints this collector serves (alerts, noise scale)."""
-    paths = {r.path for r in request.app.routes if isinstance(r, APIRoute)}
+    # From the OpenAPI schema (built once, cached): on recent FastAPI, included routers are
+    # entries of ``app.routes`` without a ``path``, so walking the routes finds none.
+    paths = set(request.app.openapi().get("paths", {}))
     return {
         "alerts": "/api/v1/alerts" in paths,
         "noise": any(p.startswith("/api/v1/runs/{") and p.endswith("}/noise-scale") for p in paths),
