@@ -177,6 +177,7 @@ class Sender:
             reserve = _SPILL_RESERVE if self._spool is not None else 0.05
             self._thread.join(max(reserve, deadline - time.monotonic()))
         atexit.unregister(self._at_exit)
+        self._finish()
         s = self.stats
         logger.info("gradsentry: sent %d steps, dropped %d (queue full%s), failed %d in %d "
                     "rejected batches, %d pending lost", s["sent"], s["dropped"],
@@ -187,6 +188,19 @@ class Sender:
                            "`gradsentry sync %s`%s", s["spooled"], self.spool_dir,
                            self.spool_dir, "" if self._offline else
                            " (or resume the run with the same id)")
+
+    def _finish(self) -> None:
+        """Tell the collector the run is over (no stalled-run alert, no live gauges), once
+        every step was delivered; a failure is only logged at DEBUG: the next step resumes
+        the run anyway."""
+        s = self.stats
+        if self._offline or not self._run_created or s["pending"] or s.get("spooled"):
+            return
+        url = self._steps_url.rsplit("/", 1)[0] + "/finish"
+        status, _, error = spool_mod.post(url, b"{}", {**self._headers,
+                                                      "Content-Type": wire.CONTENT_TYPE}, 2.0)
+        if status is None or not 200 <= status < 300:
+            logger.debug("gradsentry: could not mark the run finished (%s)", error or status)
 
     # -- thread ---------------------------------------------------------------------------
 

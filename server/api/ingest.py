@@ -49,6 +49,12 @@ def create_run(spec: RunCreate, session: SessionDep, settings: SettingsDep) -> R
     return WireJSONResponse(run, status_code=201 if created else 200)
 
 
+@router.post("/runs/{run_id}/finish", response_model=RunOut)
+def finish_run(run_id: str, session: SessionDep) -> Response:
+    """Mark the run finished (the client does at close); new steps resume it."""
+    return WireJSONResponse(runs.finish_run(session, run_id))
+
+
 @router.post(
     "/runs/{run_id}/steps",
     response_model=IngestResult,

@@ -80,6 +80,18 @@ def create_or_resume(session: Session, spec: RunCreate, settings: Settings) -> t
     return run_out(session, run, project.name), created
 
 
+def finish_run(session: Session, run_id: str) -> RunOut:
+    """Mark a run finished (the client does at ``close()``); new steps make it running again.
+
+    A finished run gets no stalled-run alert and no per-run gauges on ``/metrics``.
+    """
+    run = get_run(session, run_id)
+    run.status = "finished"
+    run.updated_at = utcnow()
+    session.commit()
+    return describe(session, run_id)
+
+
 def run_out(session: Session, run: Run, project: str, detail: bool = False) -> RunOut:
     extra: dict[str, Any] = {}
     if detail:

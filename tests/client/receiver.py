@@ -24,6 +24,7 @@ class Receiver:
         self.batches: list[dict[str, Any]] = []  # accepted POST .../steps bodies (decoded)
         self.log: list[tuple[str, int]] = []  # (path, status answered), every request
         self.headers: list[dict[str, str]] = []
+        self.finished: list[str] = []  # run ids of POST /api/v1/runs/{run}/finish
         self.run_answers: deque[tuple[int, dict[str, Any]]] = deque()
         self.step_answers: deque[tuple[int, dict[str, Any]]] = deque()
         self.release_runs = threading.Event()  # clear() to hold run creation until set()
@@ -52,6 +53,10 @@ class Receiver:
             store = self.batches
             if match.group(1) not in {r["id"] for r in self.runs}:
                 status, reply = 404, {"error": "RunNotFound", "detail": match.group(1)}
+        elif path.startswith("/api/v1/runs/") and path.endswith("/finish"):
+            with self._lock:
+                self.finished.append(path.split("/")[4])
+            return 200, {}
         else:
             return 404, {"error": "NotFound", "detail": path}
         with self._lock:

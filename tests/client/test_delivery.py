@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
+from typing import Any
 
 import pytest
 import torch
@@ -112,3 +113,30 @@ def test_run_lost_by_collector_is_announced_again(receiver: Receiver) -> None:
         assert mon.flush(timeout=5)
     assert [s for _, s in receiver.log] == [201, 200, 404, 201, 200]
     assert [r["step"] for r in receiver.steps] == [0, 1, 2, 3]
+
+
+def test_close_marks_the_run_finished_once_everything_is_delivered(receiver: Receiver) -> None:
+    model, opt = models.make(seed=31)
+    with client_hooks.watch(model, opt, run="finish-1", server=receiver.url,
+                            flush_interval=60) as mon:
+        models.loss_of(model, seed=0).backward()
+        opt.step()
+        mon.log()
+        assert receiver.finished == []  # not before close
+    assert receiver.finished == ["finish-1"]
+    assert len(receiver.steps) == 1
+
+
+def test_close_with_undelivered_steps_does_not_mark_the_run_finished(
+    receiver: Receiver, tmp_path: Any
+) -> None:
+    model, opt = models.make(seed=32)
+    receiver.step_answers.extend([(503, {"error": "down"})] * 50)
+    mon = client_hooks.watch(model, opt, run="finish-2", server=receiver.url,
+                             flush_interval=0.05, spool_dir=tmp_path)
+    models.loss_of(model, seed=0).backward()
+    opt.step()
+    mon.log()
+    mon.close(timeout=1)
+    assert mon.stats["spooled"] + mon.stats["pending"] >= 1
+    assert receiver.finished == []

@@ -80,6 +80,22 @@ def test_log_every_spike_survives_to_the_api(collector: Collector, api: httpx.Cl
         assert _num(layer_max[0]) == max(_num(v) for v in stored["max"][row])
 
 
+def per_run_gauges(api: httpx.Client, run_id: str) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        s.name: s.value
+        for f in text_string_to_metric_families(api.get("/metrics").text)
+        for s in f.samples
+        if s.labels.get("run") == run_id
+    }
+
+
+def test_finishing_an_unknown_run_is_404(api: httpx.Client) -> None:
+    got = api.post("/api/v1/runs/no-such-run-x1/finish")
+    assert got.status_code == 404 and "no-such-run-x1" in got.text
+
+
 @pytest.mark.parametrize(("window", "needle"), [
     ({"steps": 2, "first_step": 9, "series": {}}, "first_step"),
     ({"steps": 0, "first_step": 0}, "steps"),
@@ -132,6 +148,12 @@ def test_step_time_is_measured_and_stored(collector: Collector, api: httpx.Clien
             opt.zero_grad()
             mon.log()
         assert mon.flush(timeout=30)
+    # close() marked the run finished; a step sent later resumes it.
+    assert api.get(f"/api/v1/runs/{run_id}").json()["status"] == "finished"
+    assert per_run_gauges(api, run_id) == {}
+    assert post_steps(api, run_id, make_steps(10, 11, n_layers=len(mon.layers))).status_code == 200
+    assert api.get(f"/api/v1/runs/{run_id}").json()["status"] == "running"
+    assert "gradsentry_run_last_step" in per_run_gauges(api, run_id)
     got = _series(api, run_id, "step_time", 1000)["step_time"]
     assert got["step"] == [1, 2, 3]  # the first step has no previous one
     for value, pause in zip(got["max"], pauses[1:], strict=True):

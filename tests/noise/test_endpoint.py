@@ -57,7 +57,10 @@ def test_linear_regression_end_to_end(collector: Collector, api: httpx.Client, m
     # Downsampled reads keep the last point and the current estimate.
     small = _noise(api, run, horizon=0, max_points=10)["series"]
     assert len(small["step"]) <= 11 and small["step"][-1] == linreg.STEPS - 1
-    # /metrics carries the current estimate at the default horizon for this active run.
+    # /metrics carries the current estimate at the default horizon for active runs: close()
+    # marked this one finished, so resume it (as a client re-announcing it would) first.
+    project = api.get(f"/api/v1/runs/{run}").json()["project"]
+    assert api.post("/api/v1/runs", json={"id": run, "project": project}).status_code == 200
     default = _noise(api, run)["current"]["b_simple"]
     text = api.get("/metrics").text
     gauges = {
