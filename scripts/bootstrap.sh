@@ -5,9 +5,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
+if [ ! -x .venv/bin/python ] || ! .venv/bin/python -m pip --version >/dev/null 2>&1; then
   echo "==> creating .venv"
-  "$PY" -m venv .venv
+  # A half-made venv (interrupted, or ensurepip failing once) is removed and made again.
+  rm -rf .venv
+  "$PY" -m venv .venv || { echo "venv failed; retrying once" >&2; rm -rf .venv; sleep 2; "$PY" -m venv .venv; }
 fi
 VPY=.venv/bin/python
 if ! "$VPY" -c "import torch" 2>/dev/null; then
