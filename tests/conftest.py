@@ -7,6 +7,7 @@ database of its own, created from that server and dropped at the end.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -49,10 +50,10 @@ def spool_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         os.environ["GRADSENTRY_SPOOL_DIR"] = old
 
 
-@pytest.fixture(scope="session")
-def pg_database() -> Iterator[str]:
-    """A fresh PostgreSQL database for this test session (dropped afterwards)."""
-    name = f"gradsentry_test_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+@contextlib.contextmanager
+def fresh_pg_database(prefix: str = "gradsentry_test") -> Iterator[str]:
+    """Create a PostgreSQL database of its own, yield its URL, drop it afterwards."""
+    name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:6]}"
     try:
         admin = psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5)
     except psycopg.OperationalError as exc:  # a missing Postgres is a failure, not a skip
@@ -64,6 +65,13 @@ def pg_database() -> Iterator[str]:
     finally:
         with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def pg_database() -> Iterator[str]:
+    """A fresh PostgreSQL database for this test session (dropped afterwards)."""
+    with fresh_pg_database() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import threading
-import uuid
 from collections.abc import Iterator
 from email import message_from_bytes
 from email.message import Message
@@ -15,13 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psycopg
 import pytest
 from aiosmtpd.controller import Controller
 
 from server.migrate import upgrade
 from server.settings import Settings
-from tests.conftest import PG_ADMIN_URL, Collector, _pg_url, free_port, serve_in_thread
+from tests.conftest import Collector, free_port, fresh_pg_database, serve_in_thread
 
 FAST = {
     "alert_retry_base_s": 0.1,
@@ -33,18 +31,10 @@ FAST = {
 
 @pytest.fixture(scope="session")
 def alerts_pg() -> Iterator[str]:
-    name = f"gradsentry_alerts_{uuid.uuid4().hex[:8]}"
-    try:
-        admin = psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError as exc:  # a missing Postgres is a failure, not a skip
-        pytest.fail(f"PostgreSQL is required for the tests ({PG_ADMIN_URL}): {exc}")
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    url = Settings(database_url=_pg_url(name)).database_url
-    upgrade(url)
-    yield url
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_pg_database("gradsentry_alerts") as url:
+        url = Settings(database_url=url).database_url
+        upgrade(url)
+        yield url
 
 
 @pytest.fixture(scope="session", params=["sqlite", "postgres"])

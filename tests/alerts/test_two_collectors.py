@@ -15,7 +15,6 @@ from typing import Any
 
 import httpx
 import numpy as np
-import psycopg
 import pytest
 
 from client_hooks.wire import encode_batch
@@ -24,19 +23,15 @@ from server.analysis.spikes import RunAnalysis, StepView, evaluate
 from server.migrate import upgrade
 from server.settings import Settings
 from tests.alerts.conftest import LAYERS, HttpReceiver, h1_blowup, healthy, wait_until
-from tests.conftest import PG_ADMIN_URL, _pg_url, free_port, repo_root
+from tests.conftest import free_port, fresh_pg_database, repo_root
 
 
 @pytest.fixture
 def shared_pg() -> Iterator[str]:
-    name = f"gradsentry_two_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    url = Settings(database_url=_pg_url(name)).database_url
-    upgrade(url)
-    yield url
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_pg_database("gradsentry_two") as url:
+        url = Settings(database_url=url).database_url
+        upgrade(url)
+        yield url
 
 
 @pytest.fixture

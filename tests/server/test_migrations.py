@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -18,7 +16,7 @@ from server.db import make_engine
 from server.migrate import downgrade, upgrade
 from server.models import Base
 from server.settings import Settings
-from tests.conftest import PG_ADMIN_URL, _pg_url
+from tests.conftest import fresh_pg_database
 
 TABLES = {"projects", "runs", "steps", "layer_values", "scalars", "layer_rollups",
           "series_rollups", "alert_states", "alerts", "alert_silences", "alert_rules",
@@ -30,14 +28,8 @@ def empty_database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[s
     if request.param == "sqlite":
         yield Settings(database_url=f"sqlite:///{tmp_path / 'm.db'}").database_url
         return
-    name = f"gradsentry_mig_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield Settings(database_url=_pg_url(name)).database_url
-    finally:
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_pg_database("gradsentry_mig") as url:
+        yield Settings(database_url=url).database_url
 
 
 def _tables(url: str) -> set[str]:
