@@ -38,6 +38,7 @@ NAMING_CONVENTION = {
 # grad_norm:max|min|mean|nonfinite: a logging window's statistics (client log_every), at the
 # window's last step.
 WINDOW_STATS = ("max", "min", "mean", "nonfinite")
+WINDOW_STEPS = "window:steps"  # scalar series: steps each windowed record stands for
 LAYER_METRICS = (
     "grad_norm", "nonfinite", "param_norm", "update_norm", "update_ratio",
     "gns_small_sq", "gns_big_sq",  # noise scale: server/services/noise.py

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from server import errors
 from server.analysis.ratios import update_ratio
-from server.models import STEP_SERIES, WINDOW_STATS, LayerValues, Scalar, Step, utcnow
+from server.models import STEP_SERIES, WINDOW_STATS, WINDOW_STEPS, LayerValues, Scalar, Step, utcnow
 from server.schemas import IngestResult, StepBatch, StepIn
 from server.services import rollups
 from server.services.alerts import analyze_ingested
@@ -31,7 +31,6 @@ LAYER_FIELDS = {"layer_grad_norms": "grad_norm", "layer_nonfinite": "nonfinite",
                 "layer_param_norms": "param_norm", "layer_update_norms": "update_norm"}
 
 
-WINDOW_STEPS = "window:steps"
 STEP_TIME = "step_time"  # a StepIn field stored as a scalar series
 _WINDOW_SUFFIXES = tuple(f":{stat}" for stat in WINDOW_STATS)
 

@@ -11,7 +11,15 @@ from sqlalchemy import Float, and_, cast, func, literal, or_, select
 from sqlalchemy.orm import Session
 
 from server import errors
-from server.models import LAYER_METRICS, STEP_SERIES, LayerValues, Run, Scalar, Step
+from server.models import (
+    LAYER_METRICS,
+    STEP_SERIES,
+    WINDOW_STEPS,
+    LayerValues,
+    Run,
+    Scalar,
+    Step,
+)
 from server.models_rollups import ROLLUP_LEVELS
 from server.schemas import LayersResponse, SeriesOut, SeriesResponse
 from server.services import rollups
@@ -180,6 +188,7 @@ def read_series(
     rest = [n for n in unique if n not in in_sql]
     if span and rest and size > 1 and session.get_bind().dialect.name == "postgresql":
         in_sql.update(_series_buckets_sql(session, run, rest, span, size))
+    windowed = span is not None and _has_windows(session, run)
     out = []
     for name in names:
         if name in in_sql:
@@ -188,11 +197,18 @@ def read_series(
             b = downsample(np.empty(0, np.int64), np.empty(0), 0, size)
         else:
             b = downsample(*_series_values(session, run, name, *span), span[0], size)
-        if span is not None and b.step.size:
+        if span is not None and windowed and b.step.size:
             origin = grid[1] if grid and name in builtin and name in in_sql else span[0]
             b = _with_windows(b, _series_windows(session, run, name, span), origin)
         out.append(SeriesOut(name=name, **_lists(b)))
     return SeriesResponse(run=run_id, series=out)
+
+
+def _has_windows(session: Session, run: Run) -> bool:
+    """Whether the client ever logged windows for ``run`` (one index probe): every windowed
+    record stores ``window:steps``, so runs logged step by step skip the window reads."""
+    probe = select(Scalar.step).where(Scalar.run_pk == run.pk, Scalar.name == WINDOW_STEPS)
+    return session.scalar(probe.limit(1)) is not None
 
 
 def _series_windows(session: Session, run: Run, name: str, span: tuple[int, int]) -> Pieces:
@@ -294,7 +310,7 @@ def layer_matrix(
         pieces, origin, size = _layer_pieces(
             session, run, metric, where, (int(first), int(last)), (start, end), max_points
         )
-    if metric == "grad_norm" and first is not None:
+    if metric == "grad_norm" and first is not None and _has_windows(session, run):
         pieces = pieces.concat(_layer_windows(session, run, metric, start, end))
     _, m = pieces.columns(cols).group((pieces.first - origin) // size)
     return LayerMatrix(  # rows = layers, as a heatmap wants them
