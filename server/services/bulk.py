@@ -1,0 +1,112 @@
+"""Bulk upserts of ingest rows: COPY on Postgres, one multi-row statement on SQLite.
+
+Both keep the upsert semantics keyed by the table's primary key: a row whose key is stored
+already is overwritten, never duplicated.
+
+On Postgres the rows are first COPYed straight into the table inside a savepoint: new steps
+(the normal case) cost a raw COPY. Should any key exist already (a retried or replayed
+batch, or a racing collector that stored it first), the COPY fails with a unique violation,
+the savepoint is rolled back, and the rows are COPYed into a temporary staging table and
+merged with one ``INSERT ... SELECT ... ON CONFLICT DO UPDATE``. A concurrent transaction
+writing the same keys makes the COPY wait for it (the unique index), exactly as an
+``INSERT`` would, so the outcome does not depend on timing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import psycopg
+from psycopg import sql
+from sqlalchemy import BigInteger, Boolean, Integer, String, Table
+from sqlalchemy.dialects import sqlite
+from sqlalchemy.orm import Session
+
+from server.columns import Float32Array, Float64
+
+
+def _pg_type(column: Any) -> str:
+    """The Postgres type a binary COPY sends for ``column`` (must match the column)."""
+    t = column.type
+    for cls, name in ((BigInteger, "int8"), (Integer, "int4"), (Boolean, "bool"),
+                      (String, "text"), (Float64, "float8"), (Float32Array, "bytea")):
+        if isinstance(t, cls):
+            return name
+    raise TypeError(f"no COPY type for {column}")
+
+
+def upsert(session: Session, table: Table, rows: Sequence[dict[str, Any]]) -> None:
+    """Upsert ``rows`` (one dict per row, every column) keyed by the table's primary key."""
+    if not rows:
+        return
+    if session.get_bind().dialect.name != "postgresql":
+        _sqlite_upsert(session, table, rows)
+        return
+    raw = session.connection().connection.driver_connection
+    assert isinstance(raw, psycopg.Connection)
+    names = [c.name for c in table.columns]
+    vectors = [isinstance(c.type, Float32Array) for c in table.columns]
+    if any(vectors):
+        tuples = [
+            tuple(_f4(r[n]) if v else r[n] for n, v in zip(names, vectors, strict=True))
+            for r in rows
+        ]
+    else:
+        tuples = [tuple(r[n] for n in names) for r in rows]
+    _pg_upsert(raw, table, tuples)
+
+
+def _f4(values: Any) -> bytes:
+    return values if isinstance(values, bytes) else np.asarray(values, "<f4").tobytes()
+
+
+def _sqlite_upsert(session: Session, table: Table, rows: Sequence[dict[str, Any]]) -> None:
+    keys = [c.name for c in table.primary_key.columns]
+    stmt = sqlite.insert(table)
+    updates = {c.name: stmt.excluded[c.name] for c in table.columns if c.name not in keys}
+    session.execute(stmt.on_conflict_do_update(index_elements=keys, set_=updates), rows)
+
+
+def _copy(cur: psycopg.Cursor[Any], target: sql.Composable, table: Table,
+          rows: Sequence[tuple[Any, ...]]) -> None:
+    cols = sql.SQL(", ").join(sql.Identifier(c.name) for c in table.columns)
+    query = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(target, cols)
+    with cur.copy(query) as copy:
+        copy.set_types([_pg_type(c) for c in table.columns])
+        for row in rows:
+            copy.write_row(row)
+
+
+def _pg_upsert(conn: psycopg.Connection[Any], table: Table,
+               rows: Sequence[tuple[Any, ...]]) -> None:
+    name = sql.Identifier(table.name)
+    with conn.cursor() as cur:
+        cur.execute("SAVEPOINT gradsentry_copy")
+        try:
+            _copy(cur, name, table, rows)
+        except psycopg.errors.UniqueViolation:
+            cur.execute("ROLLBACK TO SAVEPOINT gradsentry_copy")
+        else:
+            cur.execute("RELEASE SAVEPOINT gradsentry_copy")
+            return
+        # Some keys are stored already: stage the rows, then merge them in one statement.
+        stage = sql.Identifier(f"stage_{table.name}")
+        cur.execute(sql.SQL(
+            "CREATE TEMPORARY TABLE IF NOT EXISTS {} (LIKE {}) ON COMMIT DELETE ROWS"
+        ).format(stage, name))
+        cur.execute(sql.SQL("TRUNCATE {}").format(stage))
+        _copy(cur, stage, table, rows)
+        keys = [c.name for c in table.primary_key.columns]
+        others = [c.name for c in table.columns if c.name not in keys]
+        cur.execute(sql.SQL(
+            "INSERT INTO {t} SELECT * FROM {s} ON CONFLICT ({k}) DO UPDATE SET {u}"
+        ).format(
+            t=name,
+            s=stage,
+            k=sql.SQL(", ").join(map(sql.Identifier, keys)),
+            u=sql.SQL(", ").join(
+                sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c)) for c in others
+            ),
+        ))
