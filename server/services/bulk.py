@@ -3,13 +3,12 @@
 Both keep the upsert semantics keyed by the table's primary key: a row whose key is stored
 already is overwritten, never duplicated.
 
-On Postgres the rows are first COPYed straight into the table inside a savepoint: new steps
-(the normal case) cost a raw COPY. Should any key exist already (a retried or replayed
-batch, or a racing collector that stored it first), the COPY fails with a unique violation,
-the savepoint is rolled back, and the rows are COPYed into a temporary staging table and
-merged with one ``INSERT ... SELECT ... ON CONFLICT DO UPDATE``. A concurrent transaction
-writing the same keys makes the COPY wait for it (the unique index), exactly as an
-``INSERT`` would, so the outcome does not depend on timing.
+On Postgres, rows the caller knows to be new (ingest checks, under the run's lock, that no
+step of the batch is stored: the normal case of a run appending) are COPYed straight into
+the table. Otherwise (a retried or replayed batch) they are COPYed into a temporary staging
+table and merged with one ``INSERT ... SELECT ... ON CONFLICT DO UPDATE``. Should a "new"
+key exist after all, the COPY fails on the unique index and the transaction with it: an
+error, never a duplicate.
 """
 
 from __future__ import annotations
@@ -37,8 +36,11 @@ def _pg_type(column: Any) -> str:
     raise TypeError(f"no COPY type for {column}")
 
 
-def upsert(session: Session, table: Table, rows: Sequence[dict[str, Any]]) -> None:
-    """Upsert ``rows`` (one dict per row, every column) keyed by the table's primary key."""
+def upsert(session: Session, table: Table, rows: Sequence[dict[str, Any]], new: bool) -> None:
+    """Upsert ``rows`` (one dict per row, every column) keyed by the table's primary key.
+
+    ``new``: none of the keys is stored (Postgres then COPYs into the table directly).
+    """
     if not rows:
         return
     if session.get_bind().dialect.name != "postgresql":
@@ -55,7 +57,7 @@ def upsert(session: Session, table: Table, rows: Sequence[dict[str, Any]]) -> No
         ]
     else:
         tuples = [tuple(r[n] for n in names) for r in rows]
-    _pg_upsert(raw, table, tuples)
+    _pg_upsert(raw, table, tuples, new)
 
 
 def _f4(values: Any) -> bytes:
@@ -80,18 +82,12 @@ def _copy(cur: psycopg.Cursor[Any], target: sql.Composable, table: Table,
 
 
 def _pg_upsert(conn: psycopg.Connection[Any], table: Table,
-               rows: Sequence[tuple[Any, ...]]) -> None:
+               rows: Sequence[tuple[Any, ...]], new: bool) -> None:
     name = sql.Identifier(table.name)
     with conn.cursor() as cur:
-        cur.execute("SAVEPOINT gradsentry_copy")
-        try:
+        if new:
             _copy(cur, name, table, rows)
-        except psycopg.errors.UniqueViolation:
-            cur.execute("ROLLBACK TO SAVEPOINT gradsentry_copy")
-        else:
-            cur.execute("RELEASE SAVEPOINT gradsentry_copy")
             return
-        # Some keys are stored already: stage the rows, then merge them in one statement.
         stage = sql.Identifier(f"stage_{table.name}")
         cur.execute(sql.SQL(
             "CREATE TEMPORARY TABLE IF NOT EXISTS {} (LIKE {}) ON COMMIT DELETE ROWS"

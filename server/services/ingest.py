@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 from pydantic import ValidationError
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from server import errors
@@ -170,11 +171,21 @@ def ingest_steps(
                                for k, v in gns_scalars.items())
             layer_rows.extend({"run_pk": run.pk, "metric": k, "step": s.step, "values": v}
                               for k, v in gns_layers.items())
-    bulk.upsert(session, Step.__table__, step_rows)
-    bulk.upsert(session, LayerValues.__table__, layer_rows)
-    rollups.refresh_layers(session, run.pk, len(run.layers), layer_rows)  # fast long reads
-    rollups.refresh_series(session, run.pk, step_rows)
-    bulk.upsert(session, Scalar.__table__, scalar_rows)
+    # Every stored layer vector and scalar has its step's row: when no step of the batch is
+    # stored, no key of any table is (a run appending), and the rows go in as they are.
+    new = session.scalar(
+        select(Step.step).where(Step.run_pk == run.pk, Step.step.in_([s.step for s in steps]))
+        .limit(1)
+    ) is None
+    bulk.upsert(session, Step.__table__, step_rows, new)
+    bulk.upsert(session, LayerValues.__table__, layer_rows, new)
+    bulk.upsert(session, Scalar.__table__, scalar_rows, new)
+    if new:  # fast long reads: fold the steps into the stored blocks
+        rollups.merge_layers(session, run.pk, len(run.layers), layer_rows)
+        rollups.merge_series(session, run.pk, step_rows)
+    else:  # some steps overwritten: recompute their blocks from what is stored
+        rollups.refresh_layers(session, run.pk, len(run.layers), layer_rows)
+        rollups.refresh_series(session, run.pk, step_rows)
 
     last = max(s.step for s in steps)
     run.last_step = last if run.last_step is None else max(run.last_step, last)
