@@ -36,11 +36,12 @@ def _pg_type(column: Any) -> str:
     raise TypeError(f"no COPY type for {column}")
 
 
-def upsert(session: Session, table: Table, rows: Sequence[dict[str, Any]], new: bool) -> None:
+def upsert(session: Session, table: Any, rows: Sequence[dict[str, Any]], new: bool) -> None:
     """Upsert ``rows`` (one dict per row, every column) keyed by the table's primary key.
 
     ``new``: none of the keys is stored (Postgres then COPYs into the table directly).
     """
+    assert isinstance(table, Table)
     if not rows:
         return
     if session.get_bind().dialect.name != "postgresql":

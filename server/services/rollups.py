@@ -458,7 +458,8 @@ def merge_layers(
     if not layer_rows:
         return
     fresh = _fresh_layers(layer_rows)
-    lo, hi = min(int(p.first[0]) for p in fresh.values()), max(int(p.last[-1]) for p in fresh.values())
+    lo = min(int(p.first[0]) for p in fresh.values())
+    hi = max(int(p.last[-1]) for p in fresh.values())
     t = LayerRollup
     rows = session.connection().execute(
         select(t.metric, t.level, t.step_first, t.step_last, t.vmin, t.vmax, t.nonfinite)
@@ -475,7 +476,7 @@ def merge_layers(
             np.stack([r[5] for r in mine]).astype(np.float64),
             np.stack([r[6] for r in mine]).astype(np.int64),
         )
-    out = []
+    out: list[dict[str, Any]] = []
     for metric, new in fresh.items():
         for level in ROLLUP_LEVELS:
             ids, p = _merged(new, stored.get((metric, level)), level)
@@ -511,7 +512,7 @@ def merge_series(session: Session, run_pk: int, step_rows: Sequence[dict[str, An
             np.fromiter((r[5] for r in mine), np.float64, n).reshape(n, 1),
             np.fromiter((r[6] for r in mine), np.int64, n).reshape(n, 1),
         )
-    out = []
+    out: list[dict[str, Any]] = []
     for name, new in fresh.items():
         for level in ROLLUP_LEVELS:
             ids, p = _merged(new, stored.get((name, level)), level)
