@@ -76,6 +76,12 @@ def create_app(
     return app
 
 
+def app_from_env() -> FastAPI:
+    """The collector with settings read from the environment: the import string
+    (``server.app:app_from_env``, a factory) of ``gradsentry serve --workers N``."""
+    return create_app(Settings())
+
+
 def _start_alert_worker(app: FastAPI, settings: Settings) -> AlertWorker | None:
     """The outbox delivery thread (and YAML receivers), unless alerts are disabled."""
     if not settings.alerts_enabled:

@@ -26,6 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--database-url", help="default: $GRADSENTRY_DATABASE_URL or SQLite")
     serve.add_argument("--no-migrate", action="store_true", help="do not upgrade the schema")
     serve.add_argument("--log-level", default="info")
+    serve.add_argument("--workers", type=int, default=1,
+                       help="collector processes sharing the port (Postgres only; default 1)")
 
     migrate = sub.add_parser("migrate", help="upgrade (or downgrade) the database schema")
     migrate.add_argument("revision", nargs="?", default="head")
@@ -69,11 +71,29 @@ def _serve(args: argparse.Namespace) -> int:
     from server.migrate import upgrade
 
     settings = _settings(args.database_url)
+    if args.workers < 1:
+        print("gradsentry serve: --workers must be at least 1", file=sys.stderr)
+        return 2
+    if args.workers > 1 and not settings.database_url.startswith("postgresql"):
+        print("gradsentry serve: --workers > 1 needs Postgres (--database-url "
+              "postgresql://...): with SQLite the worker processes would contend for one "
+              "writer lock and the alert outbox cannot be claimed safely by several processes",
+              file=sys.stderr)
+        return 2
     if not args.no_migrate:
         upgrade(settings.database_url)
     print(f"gradsentry collector on http://{args.host}:{args.port} "
-          f"(database: {_redact(settings.database_url)})", flush=True)
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
+          f"(database: {_redact(settings.database_url)}"
+          f"{f', {args.workers} worker processes' if args.workers > 1 else ''})", flush=True)
+    if args.workers == 1:
+        app = create_app(settings)
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        return 0
+    # Worker processes build their own app from the environment (server.app.app_from_env):
+    # settings given on the command line travel there as GRADSENTRY_* variables.
+    os.environ["GRADSENTRY_DATABASE_URL"] = settings.database_url
+    uvicorn.run("server.app:app_from_env", factory=True, workers=args.workers,
+                host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
 

@@ -55,8 +55,8 @@ class Float32Array(TypeDecorator[np.ndarray]):
     cache_ok = True
 
     def process_bind_param(self, value: Any, dialect: Dialect) -> bytes | None:
-        if value is None:
-            return None
+        if value is None or isinstance(value, bytes):
+            return value
         return np.asarray(value, dtype="<f4").tobytes()
 
     def process_result_value(self, value: Any, dialect: Dialect) -> np.ndarray | None:

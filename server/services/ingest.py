@@ -8,15 +8,15 @@ from typing import Any
 
 import numpy as np
 from pydantic import ValidationError
-from sqlalchemy import Table
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import BigInteger, any_, bindparam, select
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 
 from server import errors
 from server.analysis.ratios import update_ratio
 from server.models import STEP_SERIES, WINDOW_STATS, WINDOW_STEPS, LayerValues, Scalar, Step, utcnow
 from server.schemas import IngestResult, StepBatch, StepIn
-from server.services import rollups
+from server.services import bulk, rollups
 from server.services.alerts import analyze_ingested
 from server.services.noise import check_gns, gns_rows
 from server.services.runs import get_run
@@ -126,7 +126,9 @@ def ingest_steps(
         raise errors.BatchTooLarge(
             f"{len(steps)} steps exceed the limit of {settings.max_steps_per_batch} per batch"
         )
-    run = get_run(session, run_id)
+    # Ingests of one run take turns (any process): the rollups are recomputed from the stored
+    # steps around the batch, and last_step only grows, which needs the others' commits.
+    run = get_run(session, run_id, lock=True)
     _check_steps(steps, len(run.layers))
     if not steps:
         return IngestResult(run=run_id, accepted=0, first_step=None, last_step=None)
@@ -170,11 +172,21 @@ def ingest_steps(
                                for k, v in gns_scalars.items())
             layer_rows.extend({"run_pk": run.pk, "metric": k, "step": s.step, "values": v}
                               for k, v in gns_layers.items())
-    _upsert(session, Step.__table__, step_rows, ("run_pk", "step"))
-    _upsert(session, LayerValues.__table__, layer_rows, ("run_pk", "metric", "step"))
-    rollups.refresh_layers(session, run.pk, len(run.layers), layer_rows)  # fast long reads
-    rollups.refresh_series(session, run.pk, step_rows)
-    _upsert(session, Scalar.__table__, scalar_rows, ("run_pk", "name", "step"))
+    # Every stored layer vector and scalar has its step's row: when no step of the batch is
+    # stored, no key of any table is (a run appending), and the rows go in as they are.
+    new = session.scalar(
+        select(Step.step).where(Step.run_pk == run.pk, _among([s.step for s in steps], session))
+        .limit(1)
+    ) is None
+    bulk.upsert(session, Step.__table__, step_rows, new)
+    bulk.upsert(session, LayerValues.__table__, layer_rows, new)
+    bulk.upsert(session, Scalar.__table__, scalar_rows, new)
+    if new:  # fast long reads: fold the steps into the stored blocks
+        rollups.merge_layers(session, run.pk, len(run.layers), layer_rows)
+        rollups.merge_series(session, run.pk, step_rows)
+    else:  # some steps overwritten: recompute their blocks from what is stored
+        rollups.refresh_layers(session, run.pk, len(run.layers), layer_rows)
+        rollups.refresh_series(session, run.pk, step_rows)
 
     last = max(s.step for s in steps)
     run.last_step = last if run.last_step is None else max(run.last_step, last)
@@ -186,6 +198,14 @@ def ingest_steps(
     return IngestResult(
         run=run_id, accepted=len(steps), first_step=min(s.step for s in steps), last_step=last
     )
+
+
+def _among(steps: list[int], session: Session) -> Any:
+    """``steps.step IN steps``; on Postgres one array parameter (thousands of placeholders
+    would cost more to send and parse than the lookup itself)."""
+    if session.get_bind().dialect.name == "postgresql":
+        return Step.step == any_(bindparam("batch_steps", steps, type_=ARRAY(BigInteger)))
+    return Step.step.in_(steps)
 
 
 def _check_steps(steps: Sequence[StepIn], n_layers: int) -> None:
@@ -236,17 +256,3 @@ def _check_window(i: int, s: StepIn, n_layers: int) -> None:
     bad = [k for k in w.series if k.endswith(_WINDOW_SUFFIXES) or k == WINDOW_STEPS]
     if bad:
         raise errors.InvalidInput(f"steps.{i}.window.series: {bad} are reserved names")
-
-
-def _upsert(
-    session: Session, table: Any, rows: list[dict[str, Any]], keys: tuple[str, ...]
-) -> None:
-    """Multi-row INSERT ... ON CONFLICT (keys) DO UPDATE, on Postgres or SQLite."""
-    if not rows:
-        return
-    assert isinstance(table, Table)
-    dialect = session.get_bind().dialect.name
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    stmt = insert(table)
-    updates = {c.name: stmt.excluded[c.name] for c in table.columns if c.name not in keys}
-    session.execute(stmt.on_conflict_do_update(index_elements=list(keys), set_=updates), rows)

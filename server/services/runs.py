@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from server import errors
@@ -13,19 +14,32 @@ from server.schemas import ProjectOut, RunCreate, RunOut
 from server.settings import Settings
 
 
-def get_run(session: Session, run_id: str) -> Run:
-    run = session.scalar(select(Run).where(Run.id == run_id))
+def get_run(session: Session, run_id: str, lock: bool = False) -> Run:
+    """The run with id ``run_id``; with ``lock``, its row stays locked until the transaction
+    ends (``FOR NO KEY UPDATE`` on Postgres), so writers of one run take turns across
+    collector processes. SQLite has a single writer, which serialises the same way."""
+    query = select(Run).where(Run.id == run_id)
+    if lock:
+        query = query.with_for_update(key_share=True).execution_options(populate_existing=True)
+    run = session.scalar(query)
     if run is None:
         raise errors.RunNotFound(run_id)
     return run
 
 
+def _insert_new(session: Session, table: Any, values: dict[str, Any], key: str) -> bool:
+    """INSERT unless a row with this ``key`` exists (or is being inserted by another
+    transaction, which this one then waits for). Returns whether the row was inserted."""
+    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    stmt = insert(table).values(**values).on_conflict_do_nothing(index_elements=[key])
+    return session.execute(stmt.returning(table.c[key])).first() is not None
+
+
 def _get_or_create_project(session: Session, name: str) -> Project:
+    # Concurrent creators (any process) end up with the same single row.
+    _insert_new(session, Project.__table__, {"name": name, "created_at": utcnow()}, "name")
     project = session.scalar(select(Project).where(Project.name == name))
-    if project is None:
-        project = Project(name=name)
-        session.add(project)
-        session.flush()
+    assert project is not None
     return project
 
 
@@ -43,22 +57,28 @@ def create_or_resume(session: Session, spec: RunCreate, settings: Settings) -> t
         dup = next(n for n in spec.layers if spec.layers.count(n) > 1)
         raise errors.InvalidInput(f"layer names must be unique; {dup!r} appears twice")
     project = _get_or_create_project(session, spec.project)
-    run = session.scalar(select(Run).where(Run.id == spec.id))
-    created = run is None
-    if run is None:
-        run = Run(
-            id=spec.id,
-            project_id=project.id,
-            name=spec.name or spec.id,
-            config=spec.config,
-            tags=spec.tags,
-            batch_size=spec.batch_size,
-            world_size=spec.world_size,
-            layers=spec.layers,
-            semantics=spec.semantics,
-        )
-        session.add(run)
-    else:
+    now = utcnow()
+    created = _insert_new(
+        session,
+        Run.__table__,
+        {
+            "id": spec.id,
+            "project_id": project.id,
+            "name": spec.name or spec.id,
+            "config": spec.config,
+            "tags": spec.tags,
+            "status": "running",
+            "batch_size": spec.batch_size,
+            "world_size": spec.world_size,
+            "layers": spec.layers,
+            "semantics": spec.semantics,
+            "created_at": now,
+            "updated_at": now,
+        },
+        "id",
+    )
+    run = get_run(session, spec.id, lock=True)
+    if not created:
         if run.project_id != project.id:
             raise errors.RunConflict(
                 f"run {spec.id!r} already exists in another project; run ids are global"
@@ -85,7 +105,7 @@ def finish_run(session: Session, run_id: str) -> RunOut:
 
     A finished run gets no stalled-run alert and no per-run gauges on ``/metrics``.
     """
-    run = get_run(session, run_id)
+    run = get_run(session, run_id, lock=True)
     run.status = "finished"
     run.updated_at = utcnow()
     session.commit()

@@ -1,0 +1,109 @@
+"""Bulk upserts of ingest rows: COPY on Postgres, one multi-row statement on SQLite.
+
+Both keep the upsert semantics keyed by the table's primary key: a row whose key is stored
+already is overwritten, never duplicated.
+
+On Postgres, rows the caller knows to be new (ingest checks, under the run's lock, that no
+step of the batch is stored: the normal case of a run appending) are COPYed straight into
+the table. Otherwise (a retried or replayed batch) they are COPYed into a temporary staging
+table and merged with one ``INSERT ... SELECT ... ON CONFLICT DO UPDATE``. Should a "new"
+key exist after all, the COPY fails on the unique index and the transaction with it: an
+error, never a duplicate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import psycopg
+from psycopg import sql
+from sqlalchemy import BigInteger, Boolean, Integer, String, Table
+from sqlalchemy.dialects import sqlite
+from sqlalchemy.orm import Session
+
+from server.columns import Float32Array, Float64
+
+
+def _pg_type(column: Any) -> str:
+    """The Postgres type a binary COPY sends for ``column`` (must match the column)."""
+    t = column.type
+    for cls, name in ((BigInteger, "int8"), (Integer, "int4"), (Boolean, "bool"),
+                      (String, "text"), (Float64, "float8"), (Float32Array, "bytea")):
+        if isinstance(t, cls):
+            return name
+    raise TypeError(f"no COPY type for {column}")
+
+
+def upsert(session: Session, table: Any, rows: Sequence[dict[str, Any]], new: bool) -> None:
+    """Upsert ``rows`` (one dict per row, every column) keyed by the table's primary key.
+
+    ``new``: none of the keys is stored (Postgres then COPYs into the table directly).
+    """
+    assert isinstance(table, Table)
+    if not rows:
+        return
+    if session.get_bind().dialect.name != "postgresql":
+        _sqlite_upsert(session, table, rows)
+        return
+    raw = session.connection().connection.driver_connection
+    assert isinstance(raw, psycopg.Connection)
+    names = [c.name for c in table.columns]
+    vectors = [isinstance(c.type, Float32Array) for c in table.columns]
+    if any(vectors):
+        tuples = [
+            tuple(_f4(r[n]) if v else r[n] for n, v in zip(names, vectors, strict=True))
+            for r in rows
+        ]
+    else:
+        tuples = [tuple(r[n] for n in names) for r in rows]
+    _pg_upsert(raw, table, tuples, new)
+
+
+def _f4(values: Any) -> bytes:
+    return values if isinstance(values, bytes) else np.asarray(values, "<f4").tobytes()
+
+
+def _sqlite_upsert(session: Session, table: Table, rows: Sequence[dict[str, Any]]) -> None:
+    keys = [c.name for c in table.primary_key.columns]
+    stmt = sqlite.insert(table)
+    updates = {c.name: stmt.excluded[c.name] for c in table.columns if c.name not in keys}
+    session.execute(stmt.on_conflict_do_update(index_elements=keys, set_=updates), rows)
+
+
+def _copy(cur: psycopg.Cursor[Any], target: sql.Composable, table: Table,
+          rows: Sequence[tuple[Any, ...]]) -> None:
+    cols = sql.SQL(", ").join(sql.Identifier(c.name) for c in table.columns)
+    query = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(target, cols)
+    with cur.copy(query) as copy:
+        copy.set_types([_pg_type(c) for c in table.columns])
+        for row in rows:
+            copy.write_row(row)
+
+
+def _pg_upsert(conn: psycopg.Connection[Any], table: Table,
+               rows: Sequence[tuple[Any, ...]], new: bool) -> None:
+    name = sql.Identifier(table.name)
+    with conn.cursor() as cur:
+        if new:
+            _copy(cur, name, table, rows)
+            return
+        stage = sql.Identifier(f"stage_{table.name}")
+        cur.execute(sql.SQL(
+            "CREATE TEMPORARY TABLE IF NOT EXISTS {} (LIKE {}) ON COMMIT DELETE ROWS"
+        ).format(stage, name))
+        cur.execute(sql.SQL("TRUNCATE {}").format(stage))
+        _copy(cur, stage, table, rows)
+        keys = [c.name for c in table.primary_key.columns]
+        others = [c.name for c in table.columns if c.name not in keys]
+        cur.execute(sql.SQL(
+            "INSERT INTO {t} SELECT * FROM {s} ON CONFLICT ({k}) DO UPDATE SET {u}"
+        ).format(
+            t=name,
+            s=stage,
+            k=sql.SQL(", ").join(map(sql.Identifier, keys)),
+            u=sql.SQL(", ").join(
+                sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c)) for c in others
+            ),
+        ))
