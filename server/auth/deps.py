@@ -1,0 +1,143 @@
+"""FastAPI dependencies: every route names the scope it needs (and the run it touches).
+
+(No ``from __future__ import annotations``: FastAPI must see the closures' annotations.)
+
+A request carries its token as ``Authorization: Bearer gs_…``, or, from a browser, in the
+HttpOnly cookie the login page sets. Each request looks the token up in the database and
+counts it against the token's rate limit there, in a short transaction of its own (the row
+lock of the counter is never held across a request).
+"""
+
+import time
+from collections.abc import Callable
+from typing import Annotated
+
+from fastapi import Depends, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session, sessionmaker
+
+from server import errors
+from server.auth import ownership, ratelimit, store
+from server.auth.mode import required_for
+from server.auth.tokens import Principal, Scope
+from server.db import SessionDep
+
+COOKIE = "gradsentry_token"
+bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="token",
+    description="An API token `gs_<id>_<secret>` (README, Access control); not needed when "
+    "the collector runs open on localhost.",
+)
+BearerDep = Annotated[HTTPAuthorizationCredentials | None, Security(bearer)]
+
+
+class LoginRequired(Exception):
+    """A dashboard page was asked for without a usable token: the app redirects to /login."""
+
+    def __init__(self, next_url: str, reason: str) -> None:
+        super().__init__(reason)
+        self.next_url = next_url
+        self.reason = reason
+
+
+def _raw_token(request: Request) -> str | None:
+    header = request.headers.get("authorization")
+    if header is not None:
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() != "bearer" or not value.strip():
+            raise errors.Unauthorized("the Authorization header must read 'Bearer <token>'")
+        return value.strip()
+    return request.cookies.get(COOKIE) or None
+
+
+def authenticate(request: Request) -> Principal:
+    """The principal of this request: open, or its token's (401 without a usable one)."""
+    settings = request.app.state.settings
+    if not required_for(settings.auth, request.scope.get("server")):
+        return Principal.open()
+    raw = _raw_token(request)
+    if raw is None:
+        raise errors.Unauthorized(
+            "this collector requires an API token: send 'Authorization: Bearer gs_…' "
+            "(client: watch(token=...) or $GRADSENTRY_TOKEN; create one with "
+            "`gradsentry token create`)"
+        )
+    factory: sessionmaker[Session] = request.app.state.sessionmaker
+    with factory() as session:
+        principal = store.authenticate(session, raw)
+        try:
+            ratelimit.hit(session, f"token:{principal.token_id}",
+                          settings.rate_limit_requests, settings.rate_limit_window_s, time.time())
+        finally:
+            session.commit()
+    return principal
+
+
+def _require(scope: Scope) -> Callable[..., Principal]:
+    def dependency(request: Request, _bearer: BearerDep = None) -> Principal:
+        principal = authenticate(request)
+        principal.require(scope)
+        return principal
+
+    dependency.__name__ = f"require_{scope}"
+    return dependency
+
+
+def _run_access(base: Callable[..., Principal]) -> Callable[..., Principal]:
+    """``base``, and the run in the path must be in the token's project (else 403)."""
+
+    def dependency(
+        run_id: str, session: SessionDep, principal: Annotated[Principal, Depends(base)]
+    ) -> Principal:
+        check_run(session, principal, run_id)
+        return principal
+
+    dependency.__name__ = f"{base.__name__}_run"
+    return dependency
+
+
+def check_run(session: Session, principal: Principal, run_id: str) -> None:
+    """403 when ``run_id`` exists in a project the principal may not touch (an unknown run is
+    left to the route's 404)."""
+    if principal.project is not None:
+        check_owner(principal, ownership.run_project(session, run_id), f"run {run_id!r}")
+
+
+def check_owner(principal: Principal, owner: str | None, what: str) -> None:
+    """403 when ``what`` (found by ``ownership``, owned by ``owner``) is outside the
+    principal's project; a missing object is left to the route's 404."""
+    if principal.project is not None and owner != ownership.MISSING:
+        principal.require_project(owner, f"{what} of another project")
+
+
+def _page(dependency: Callable[..., Principal]) -> Callable[..., Principal]:
+    """For HTML pages: a missing or rejected token redirects to the login page."""
+
+    def page(request: Request) -> Principal:
+        try:
+            return dependency(request)
+        except errors.Unauthorized as exc:
+            raise LoginRequired(request.url.path + (f"?{request.url.query}"
+                                                    if request.url.query else ""),
+                                exc.detail) from None
+
+    page.__name__ = f"{dependency.__name__}_page"
+    return page
+
+
+def _metrics_reader(principal: Annotated[Principal, Depends(_require("read"))]) -> Principal:
+    # The gauges span every project: only a token for all projects may scrape them.
+    principal.require_project(None, "/metrics (it holds every project's gauges); use a token "
+                              "created for all projects")
+    return principal
+
+
+Ingest = Annotated[Principal, Depends(_require("ingest"))]
+Read = Annotated[Principal, Depends(_require("read"))]
+Admin = Annotated[Principal, Depends(_require("admin"))]
+IngestRun = Annotated[Principal, Depends(_run_access(_require("ingest")))]
+ReadRun = Annotated[Principal, Depends(_run_access(_require("read")))]
+ReadPage = Annotated[Principal, Depends(_page(_require("read")))]
+ReadRunPage = Annotated[Principal, Depends(_run_access(_page(_require("read"))))]
+MetricsReader = Depends(_metrics_reader)
