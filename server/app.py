@@ -115,7 +115,8 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(LoginRequired)
     async def login_required(_req: Request, exc: LoginRequired) -> RedirectResponse:
-        query = urllib.parse.urlencode({"next": exc.next_url, "reason": exc.reason})
+        fields = {"next": exc.next_url, **({"reason": exc.reason} if exc.reason else {})}
+        query = urllib.parse.urlencode(fields)
         return RedirectResponse(f"/login?{query}", status_code=303)
 
     @app.exception_handler(RequestValidationError)

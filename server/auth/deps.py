@@ -118,9 +118,11 @@ def _page(dependency: Callable[..., Principal]) -> Callable[..., Principal]:
         try:
             return dependency(request)
         except errors.Unauthorized as exc:
+            # Say why only when a token was offered (revoked, unknown): else just the form.
+            offered = COOKIE in request.cookies or "authorization" in request.headers
             raise LoginRequired(request.url.path + (f"?{request.url.query}"
                                                     if request.url.query else ""),
-                                exc.detail) from None
+                                exc.detail if offered else "") from None
 
     page.__name__ = f"{dependency.__name__}_page"
     return page

@@ -126,6 +126,7 @@ def ingest_steps(
         raise errors.BatchTooLarge(
             f"{len(steps)} steps exceed the limit of {settings.max_steps_per_batch} per batch"
         )
+    _check_scalar_counts(steps, settings.max_scalars_per_step)
     run = get_run(session, run_id)
     _check_steps(steps, len(run.layers))
     if not steps:
@@ -186,6 +187,16 @@ def ingest_steps(
     return IngestResult(
         run=run_id, accepted=len(steps), first_step=min(s.step for s in steps), last_step=last
     )
+
+
+def _check_scalar_counts(steps: Sequence[StepIn], limit: int) -> None:
+    for i, s in enumerate(steps):
+        n = max(len(s.scalars), len(s.window.series) if s.window is not None else 0)
+        if n > limit:
+            raise errors.BatchTooLarge(
+                f"steps.{i}: {n} named scalars exceed the limit of {limit} per step "
+                "(GRADSENTRY_MAX_SCALARS_PER_STEP)"
+            )
 
 
 def _check_steps(steps: Sequence[StepIn], n_layers: int) -> None:
