@@ -27,7 +27,7 @@ from server.auth import store
 from server.db import make_engine
 from server.migrate import upgrade
 from server.settings import Settings
-from tests.conftest import BACKENDS, fresh_pg_database, free_port, new_run_id, serve_in_thread
+from tests.conftest import BACKENDS, free_port, fresh_pg_database, new_run_id, serve_in_thread
 
 LAYERS = ["l0", "l1"]
 
@@ -333,8 +333,10 @@ def _routes(routes: list[Any]) -> Iterator[Any]:
 
 
 def _spawn_collector(database_url: str, port: int, *extra: str,
-                     env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--host", "127.0.0.1", "--port",
+                     env: dict[str, str] | None = None,
+                     host: str = "127.0.0.1") -> subprocess.Popen[bytes]:
+    """``gradsentry serve`` in a process of its own, once it answers /healthz on loopback."""
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--host", host, "--port",
            str(port), "--database-url", database_url, "--log-level", "warning", *extra]
     environ = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
                **(env or {})}
