@@ -27,7 +27,7 @@ class Settings(BaseSettings):
     auth: Literal["auto", "required", "off"] = "auto"
     # Requests per token per fixed window, shared by every collector process on the database
     # (429 with Retry-After above it); 0 turns the limit off. Open mode has no rate limit.
-    rate_limit_requests: int = Field(default=10_000, ge=0)
+    rate_limit_requests: int = Field(default=20_000, ge=0)
     rate_limit_window_s: int = Field(default=10, ge=1, le=3600)
     # Limits on one request; each is answered with a 4xx naming the limit.
     max_body_bytes: int = 64 * 1024 * 1024  # any request; ingest: also after gzip decompression

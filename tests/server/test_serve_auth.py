@@ -58,7 +58,7 @@ def test_banner_says_how_the_collector_runs(tmp_path: Path) -> None:
     assert auth_banner("required", "0.0.0.0", settings) is None  # no token yet
     make_tokens(url)
     assert str(auth_banner("required", "0.0.0.0", settings)).startswith(
-        "auth: required: API tokens (7 active); 10000 requests per 10 s per token")
+        "auth: required: API tokens (7 active); 20000 requests per 10 s per token")
 
 
 def test_serve_on_a_public_host_without_tokens_refuses_to_start(tmp_path: Path) -> None:
