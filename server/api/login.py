@@ -12,7 +12,7 @@ import urllib.parse
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy import Engine
 from starlette.concurrency import run_in_threadpool
 
 from server import errors
@@ -39,10 +39,11 @@ def _form(request: Request, next_url: str, error: str = "", status: int = 200) -
 
 
 def _sign_in(request: Request, token: str, next_url: str) -> Response:
-    factory: sessionmaker[Session] = request.app.state.sessionmaker
+    engine: Engine = request.app.state.engine
     try:
-        with factory() as session:
-            store.authenticate(session, token).require("read")
+        with engine.connect() as conn:
+            store.authenticate(conn, token).require("read")
+            conn.commit()
     except (errors.Unauthorized, errors.Forbidden) as exc:
         return _form(request, next_url, exc.detail, exc.status_code)
     response = RedirectResponse(next_url, status_code=303)

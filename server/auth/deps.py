@@ -4,8 +4,8 @@
 
 A request carries its token as ``Authorization: Bearer gs_…``, or, from a browser, in the
 HttpOnly cookie the login page sets. Each request looks the token up in the database and
-counts it against the token's rate limit there, in a short transaction of its own (the row
-lock of the counter is never held across a request).
+counts it against the token's rate limit there, in a short transaction committed before the
+route runs (the row lock of the counter is never held across a request).
 """
 
 import time
@@ -14,7 +14,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from server import errors
 from server.auth import ownership, ratelimit, store
@@ -51,8 +51,12 @@ def _raw_token(request: Request) -> str | None:
     return request.cookies.get(COOKIE) or None
 
 
-def authenticate(request: Request) -> Principal:
-    """The principal of this request: open, or its token's (401 without a usable one)."""
+def authenticate(request: Request, session: Session) -> Principal:
+    """The principal of this request: open, or its token's (401 without a usable one).
+
+    Runs on the request's session (one pooled connection per request) and commits before
+    the route starts its own work, so the rate counter's row lock is held only for this.
+    """
     settings = request.app.state.settings
     if not required_for(settings.auth, request.scope.get("server")):
         return Principal.open()
@@ -63,38 +67,32 @@ def authenticate(request: Request) -> Principal:
             "(client: watch(token=...) or $GRADSENTRY_TOKEN; create one with "
             "`gradsentry token create`)"
         )
-    factory: sessionmaker[Session] = request.app.state.sessionmaker
-    with factory() as session:
-        principal = store.authenticate(session, raw)
-        try:
-            ratelimit.hit(session, f"token:{principal.token_id}",
-                          settings.rate_limit_requests, settings.rate_limit_window_s, time.time())
-        finally:
-            session.commit()
+    conn = session.connection()
+    try:
+        principal = store.authenticate(conn, raw)
+        ratelimit.hit(conn, f"token:{principal.token_id}",
+                      settings.rate_limit_requests, settings.rate_limit_window_s, time.time())
+    finally:
+        session.commit()  # also a 429's count, and last_used_at
     return principal
 
 
-def _require(scope: Scope) -> Callable[..., Principal]:
-    def dependency(request: Request, _bearer: BearerDep = None) -> Principal:
-        principal = authenticate(request)
-        principal.require(scope)
-        return principal
-
-    dependency.__name__ = f"require_{scope}"
-    return dependency
-
-
-def _run_access(base: Callable[..., Principal]) -> Callable[..., Principal]:
-    """``base``, and the run in the path must be in the token's project (else 403)."""
-
-    def dependency(
-        run_id: str, session: SessionDep, principal: Annotated[Principal, Depends(base)]
-    ) -> Principal:
-        check_run(session, principal, run_id)
-        return principal
-
-    dependency.__name__ = f"{base.__name__}_run"
-    return dependency
+def principal_for(
+    request: Request, session: Session, scope: Scope, *, page: bool = False
+) -> Principal:
+    """Authenticate and check ``scope``. ``page``: a missing or rejected token redirects an
+    HTML page to the login form instead of answering 401."""
+    try:
+        principal = authenticate(request, session)
+    except errors.Unauthorized as exc:
+        if not page:
+            raise
+        # Say why only when a token was offered (revoked, unknown): else just the form.
+        offered = COOKIE in request.cookies or "authorization" in request.headers
+        query = f"?{request.url.query}" if request.url.query else ""
+        raise LoginRequired(request.url.path + query, exc.detail if offered else "") from None
+    principal.require(scope)
+    return principal
 
 
 def check_run(session: Session, principal: Principal, run_id: str) -> None:
@@ -111,24 +109,34 @@ def check_owner(principal: Principal, owner: str | None, what: str) -> None:
         principal.require_project(owner, f"{what} of another project")
 
 
-def _page(dependency: Callable[..., Principal]) -> Callable[..., Principal]:
-    """For HTML pages: a missing or rejected token redirects to the login page."""
-
-    def page(request: Request) -> Principal:
-        try:
-            return dependency(request)
-        except errors.Unauthorized as exc:
-            # Say why only when a token was offered (revoked, unknown): else just the form.
-            offered = COOKIE in request.cookies or "authorization" in request.headers
-            raise LoginRequired(request.url.path + (f"?{request.url.query}"
-                                                    if request.url.query else ""),
-                                exc.detail if offered else "") from None
-
-    page.__name__ = f"{dependency.__name__}_page"
-    return page
+# Each dependency is one function: FastAPI runs every sync dependency in the threadpool
+# separately, and a hop costs more than the checks.
 
 
-def _metrics_reader(principal: Annotated[Principal, Depends(_require("read"))]) -> Principal:
+def _require(scope: Scope, *, page: bool = False) -> Callable[..., Principal]:
+    def dependency(request: Request, session: SessionDep, _bearer: BearerDep = None) -> Principal:
+        return principal_for(request, session, scope, page=page)
+
+    dependency.__name__ = f"require_{scope}{'_page' if page else ''}"
+    return dependency
+
+
+def _require_run(scope: Scope, *, page: bool = False) -> Callable[..., Principal]:
+    """The scope, and the run in the path must be in the token's project (else 403)."""
+
+    def dependency(
+        request: Request, run_id: str, session: SessionDep, _bearer: BearerDep = None
+    ) -> Principal:
+        principal = principal_for(request, session, scope, page=page)
+        check_run(session, principal, run_id)
+        return principal
+
+    dependency.__name__ = f"require_{scope}_run{'_page' if page else ''}"
+    return dependency
+
+
+def _metrics_reader(request: Request, session: SessionDep, _bearer: BearerDep = None) -> Principal:
+    principal = principal_for(request, session, "read")
     # The gauges span every project: only a token for all projects may scrape them.
     principal.require_project(None, "/metrics (it holds every project's gauges); use a token "
                               "created for all projects")
@@ -138,8 +146,8 @@ def _metrics_reader(principal: Annotated[Principal, Depends(_require("read"))]) 
 Ingest = Annotated[Principal, Depends(_require("ingest"))]
 Read = Annotated[Principal, Depends(_require("read"))]
 Admin = Annotated[Principal, Depends(_require("admin"))]
-IngestRun = Annotated[Principal, Depends(_run_access(_require("ingest")))]
-ReadRun = Annotated[Principal, Depends(_run_access(_require("read")))]
-ReadPage = Annotated[Principal, Depends(_page(_require("read")))]
-ReadRunPage = Annotated[Principal, Depends(_run_access(_page(_require("read"))))]
+IngestRun = Annotated[Principal, Depends(_require_run("ingest"))]
+ReadRun = Annotated[Principal, Depends(_require_run("read"))]
+ReadPage = Annotated[Principal, Depends(_require("read", page=True))]
+ReadRunPage = Annotated[Principal, Depends(_require_run("read", page=True))]
 MetricsReader = Depends(_metrics_reader)

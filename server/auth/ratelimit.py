@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import math
 
-from sqlalchemy import delete
+from sqlalchemy import Connection, delete
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import Session
 
 from server import errors
 from server.models_auth import RateCounter
 
 
-def hit(session: Session, key: str, limit: int, window_s: int, now: float) -> None:
+def hit(conn: Connection, key: str, limit: int, window_s: int, now: float) -> None:
     """Count one request of ``key``; raise 429 (with Retry-After) past ``limit`` per window.
 
     ``limit`` 0 disables the check. The caller commits.
@@ -27,15 +26,15 @@ def hit(session: Session, key: str, limit: int, window_s: int, now: float) -> No
     if limit <= 0:
         return
     period = int(now // window_s)
-    dialect = session.get_bind().dialect.name
+    dialect = conn.dialect.name
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     stmt = insert(RateCounter).values(key=key, period=period, count=1)
     upsert = stmt.on_conflict_do_update(
         index_elements=["key", "period"], set_={"count": RateCounter.count + 1}
     ).returning(RateCounter.count)
-    count = int(session.execute(upsert).scalar_one())
+    count = int(conn.execute(upsert).scalar_one())
     if count == 1:
-        session.execute(
+        conn.execute(
             delete(RateCounter).where(RateCounter.key == key, RateCounter.period < period)
         )
     if count > limit:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from datetime import timedelta
 
-from sqlalchemy import func, select
+from sqlalchemy import Connection, Table, func, select, update
 from sqlalchemy.orm import Session
 
 from server import errors
@@ -71,13 +71,22 @@ def active_count(session: Session) -> int:
     ) or 0)
 
 
-def authenticate(session: Session, token: str) -> Principal:
-    """The principal of ``token``, or 401 saying what is wrong with it. Commits."""
+def authenticate(conn: Connection, token: str) -> Principal:
+    """The principal of ``token``, or 401 saying what is wrong with it.
+
+    SQLAlchemy Core on a bare connection: this runs on every request. The caller commits
+    (``last_used_at`` is written at most once a minute per token).
+    """
     parsed = parse(token)
     if parsed is None:
         raise errors.Unauthorized(f"malformed API token: expected {TOKEN_FORMAT}")
     token_id, secret = parsed
-    row = session.get(ApiToken, token_id)
+    t = ApiToken.__table__
+    assert isinstance(t, Table)
+    row = conn.execute(
+        select(t.c.project, t.c.scopes, t.c.secret_sha256, t.c.revoked_at, t.c.last_used_at)
+        .where(t.c.id == token_id)
+    ).one_or_none()
     if row is None or not secret_matches(secret, row.secret_sha256):
         raise errors.Unauthorized("unknown API token")
     if row.revoked_at is not None:
@@ -87,6 +96,5 @@ def authenticate(session: Session, token: str) -> Principal:
     if last is not None and last.tzinfo is None:  # SQLite returns naive UTC
         last = last.replace(tzinfo=now.tzinfo)
     if last is None or now - last > LAST_USED_RESOLUTION:
-        row.last_used_at = now
-        session.commit()
-    return Principal(row.id, row.project, frozenset(row.scopes.split(",")))
+        conn.execute(update(t).where(t.c.id == token_id).values(last_used_at=now))
+    return Principal(token_id, row.project, frozenset(row.scopes.split(",")))
