@@ -89,7 +89,10 @@ def watch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, project: 
         project: groups runs on the collector.
         run: the run id (``[A-Za-z0-9][A-Za-z0-9._-]{0,127}``); reusing one resumes the run.
             Default: ``f"{project}-{YYYYmmdd-HHMMSS}-{6 hex}"`` (UTC).
-        server: the collector's base URL. ``token``: sent as ``Authorization: Bearer``.
+        server: the collector's base URL. ``token``: an API token (``gs_…``) sent as
+            ``Authorization: Bearer``; default ``$GRADSENTRY_TOKEN``. Needed when the collector
+            requires tokens (scope ``ingest`` for ``project``); a refused token never stops
+            training: the steps are spooled and the log says why.
         name, config, tags: run metadata (``config`` values that are not JSON become strings).
         batch_size: the run's batch size, and the default of ``log(batch_size=)``.
         flush_interval: seconds between deliveries when fewer than a batch are queued.
@@ -263,6 +266,7 @@ class Monitor:
         if self.rank == 0 or all_ranks:
             root = spool_dir if spool_dir is not None else (
                 spool_mod.default_root() if spool else None)
+            token = token or os.environ.get("GRADSENTRY_TOKEN") or None
             self._sender = Sender(server, self.run_id, spec, token=token,
                                   flush_interval=flush_interval, max_queue=max_queue,
                                   spool_dir=root, offline=offline,

@@ -3,8 +3,11 @@
 The training thread only appends to a bounded deque (:meth:`Sender.put`). A daemon thread
 announces the run once, then drains the deque in batches of up to ``max_batch`` steps, each one
 gzip-compressed ``POST {server}/api/v1/runs/{run}/steps``. Connection errors, 5xx, 408 and 429
-are retried with exponential backoff (0.5 s doubling to 30 s, jittered) while new data keeps
-arriving in the deque, whose oldest entries are dropped (and counted) when it is full. Any
+are retried with exponential backoff (0.5 s doubling to 30 s, jittered; a ``Retry-After`` is
+waited out instead) while new data keeps arriving in the deque, whose oldest entries are
+dropped (and counted) when it is full. 401 and 403 (a missing, wrong, revoked or
+insufficient token) are treated the same way, with one clear error in the log: the data is
+kept (spooled) for a later run or ``gradsentry sync --token`` rather than thrown away. Any
 other 4xx drops that batch with a warning carrying the collector's message.
 
 With a spool (``spool_dir``, see :mod:`client_hooks.spool`) nothing needs to be dropped while
@@ -94,6 +97,7 @@ class Sender:
         self._down_since: float | None = None  # first failure of the current outage
         self._attempt = 0
         self._retry_at = 0.0
+        self._retry_after: float | None = None  # the last answer's Retry-After
         self._seen_gen = 0
         self._inflight = 0
         self._run_created = False
@@ -280,7 +284,7 @@ class Sender:
                 if batch is None:
                     return
                 status = self._deliver(batch)
-            if spool_mod.retryable(status):
+            if _hold(status):
                 self._failed()
                 return
             assert status is not None
@@ -300,7 +304,10 @@ class Sender:
         if self._down_since is None:
             self._down_since = now
         delay = min(BACKOFF_CAP, BACKOFF_START * 2.0**self._attempt)
-        self._retry_at = now + delay / 2 + random.uniform(0, delay / 2)  # jitter
+        wait = delay / 2 + random.uniform(0, delay / 2)  # jitter
+        if self._retry_after is not None:  # the collector said when (429): believe it
+            wait = self._retry_after + random.uniform(0, min(1.0, 0.1 * self._retry_after))
+        self._retry_at = now + wait
         self._attempt += 1
         if self._should_spill():
             self._spill()
@@ -377,7 +384,7 @@ class Sender:
             if created is None or not 200 <= created < 300:
                 return created
             status, answer = self._post(self._steps_url, body, headers)
-        if status is not None and not 200 <= status < 300 and not spool_mod.retryable(status):
+        if status is not None and not 200 <= status < 300 and not _hold(status):
             self._reject(f"sending {batch.steps} steps", status, answer)
         return status
 
@@ -388,15 +395,23 @@ class Sender:
             self._run_created = True
             logger.info("gradsentry: run %s %s at %s", self._run_spec.get("id"),
                         "resumed" if status == 200 else "created", self._runs_url)
-        elif not spool_mod.retryable(status):
+        elif not _hold(status):
             self._reject("creating the run", status, body)
         return status
 
     def _post(self, url: str, body: bytes, headers: dict[str, str]) -> tuple[int | None, bytes]:
-        status, answer, error = spool_mod.post(url, body, {**self._headers, **headers},
-                                               self._http_timeout)
+        status, answer, error, self._retry_after = spool_mod.send(
+            url, body, {**self._headers, **headers}, self._http_timeout)
         if status is None:
             self._warn("connect", f"gradsentry: collector unreachable ({error}); retrying")
+        elif status in spool_mod.AUTH_STATUS:
+            where = (f"spooled to {self.spool_dir}" if self._spool is not None
+                     else "held in memory")
+            self._warn(f"auth-{status}", "gradsentry: the collector refused this run's token "
+                       f"({spool_mod.describe_error(status, answer)}); steps are kept ({where}) "
+                       "and retried with backoff. Pass watch(token=...) or set "
+                       "$GRADSENTRY_TOKEN to a token with the 'ingest' scope for project "
+                       f"{self._run_spec.get('project')!r}.")
         return status, answer
 
     # -- spool ----------------------------------------------------------------------------
@@ -480,6 +495,12 @@ class Sender:
         level = logging.DEBUG if key in self._warned else logging.WARNING
         self._warned.add(key)
         logger.log(level, message, exc_info=exc_info)
+
+
+def _hold(status: int | None) -> bool:
+    """Keep the data and try again later: the collector is away or busy, or it refused the
+    token (fixable without losing steps: a new token, then a resume or ``gradsentry sync``)."""
+    return spool_mod.retryable(status) or status in spool_mod.AUTH_STATUS
 
 
 def _gzip(body: bytes) -> tuple[bytes, dict[str, str]]:

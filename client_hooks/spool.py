@@ -30,8 +30,9 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
+from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 from . import wire
 
@@ -46,6 +47,8 @@ DEFAULT_MAX_BYTES = 1 << 30
 RUN_FILE = "run.json"
 _SEG_PREFIX, _SEG_SUFFIX = "seg-", ".jsonl"
 _RETRY_STATUS = frozenset((408, 429))
+AUTH_STATUS = frozenset((401, 403))  # the token is missing, wrong, revoked or not allowed
+RETRY_AFTER_CAP = 300.0  # seconds: a Retry-After longer than this is not waited out in full
 
 
 def default_root() -> Path:
@@ -256,18 +259,44 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def post(url: str, body: bytes, headers: dict[str, str],
-         timeout: float) -> tuple[int | None, bytes, str]:
-    """POST once: (status, answer body, error text); status None when unreachable."""
+class Reply(NamedTuple):
+    status: int | None  # None: unreachable
+    body: bytes
+    error: str  # the transport error when unreachable
+    retry_after: float | None  # seconds, from a Retry-After header (429, 503)
+
+
+def send(url: str, body: bytes, headers: dict[str, str], timeout: float) -> Reply:
+    """POST once."""
     request = urllib.request.Request(url, data=body, method="POST", headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            return int(response.status), response.read(), ""
+            return Reply(int(response.status), response.read(), "", None)
     except urllib.error.HTTPError as err:
         with err:
-            return err.code, err.read(), ""
+            return Reply(err.code, err.read(), "", retry_after(err.headers.get("Retry-After")))
     except (OSError, http.client.HTTPException) as err:  # refused, reset, timeout, DNS
-        return None, b"", str(err)
+        return Reply(None, b"", str(err), None)
+
+
+def post(url: str, body: bytes, headers: dict[str, str],
+         timeout: float) -> tuple[int | None, bytes, str]:
+    """POST once: (status, answer body, error text); status None when unreachable."""
+    reply = send(url, body, headers, timeout)
+    return reply.status, reply.body, reply.error
+
+
+def retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a Retry-After header (delta-seconds or an HTTP date), capped."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value) if value.isdigit() else (
+            parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    return min(max(0.0, seconds), RETRY_AFTER_CAP)
 
 
 def retryable(status: int | None) -> bool:
@@ -350,16 +379,16 @@ def _sync_run(spool: Spool, on_disk: int, base: str, headers: dict[str, str],
         return 0, 0, ""
     out(f"run {run_id}: {on_disk} steps to upload")
 
-    def send(url: str, body: bytes, extra: dict[str, str]) -> tuple[int | None, bytes, str]:
+    def deliver(url: str, body: bytes, extra: dict[str, str]) -> tuple[int | None, bytes, str]:
         for attempt in range(attempts):
-            status, answer, error = post(url, body, {**headers, **extra}, timeout)
+            status, answer, error, wait = send(url, body, {**headers, **extra}, timeout)
             if not retryable(status) or attempt == attempts - 1:
                 return status, answer, error
-            time.sleep(min(10.0, 0.5 * 2**attempt))
+            time.sleep(max(min(10.0, 0.5 * 2**attempt), wait or 0.0))  # honour Retry-After
         raise AssertionError("unreachable")
 
     json_headers = {"Content-Type": wire.CONTENT_TYPE}
-    status, answer, error = send(base, wire.dumps(spec), json_headers)
+    status, answer, error = deliver(base, wire.dumps(spec), json_headers)
     if status is None or not 200 <= status < 300:
         return 0, 0, f"creating the run: {describe_error(status, answer, error)}"
     steps_url = f"{base}/{urllib.parse.quote(run_id, safe='')}/steps"
@@ -367,8 +396,8 @@ def _sync_run(spool: Spool, on_disk: int, base: str, headers: dict[str, str],
     reported = time.monotonic()
     while (item := spool.peek()) is not None:
         body, n = item
-        status, answer, error = send(steps_url, gzip.compress(body, compresslevel=5),
-                                     {**json_headers, "Content-Encoding": "gzip"})
+        status, answer, error = deliver(steps_url, gzip.compress(body, compresslevel=5),
+                                        {**json_headers, "Content-Encoding": "gzip"})
         if status is None or not 200 <= status < 300:
             return sent, batches, describe_error(status, answer, error)
         spool.pop()

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import urllib.parse
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse
 from prometheus_client import CollectorRegistry
 from sqlalchemy.orm import sessionmaker
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -16,8 +17,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from server import __version__, errors
 from server.alerts.metrics import alert_gauges
 from server.alerts.worker import AlertWorker
-from server.api import alerts, health, ingest, pages, runs
+from server.api import alerts, health, ingest, login, pages, runs, tokens
 from server.api import noise as noise_api
+from server.auth.deps import LoginRequired, MetricsReader
+from server.body_limit import BodyLimit
 from server.db import make_engine
 from server.metrics import (
     DatabaseCollector,
@@ -58,6 +61,11 @@ def create_app(
     app.state.sessionmaker = sessionmaker(engine, expire_on_commit=False)
     app.state.metrics = Metrics.create(registry)
     install_http_metrics(app, app.state.metrics)
+    app.add_middleware(
+        BodyLimit,
+        limit=settings.max_body_bytes,
+        on_reject=app.state.metrics.ingest_rejected.labels("BodyTooLarge").inc,
+    )
     # Scrape-time gauges from the database; alerts/noise scale plug in with add_source().
     app.state.db_metrics = DatabaseCollector(
         app.state.sessionmaker, engine, settings.metrics_active_window_s, settings.metrics_max_runs
@@ -70,9 +78,11 @@ def create_app(
     app.include_router(runs.router)
     app.include_router(alerts.router)
     app.include_router(noise_api.router)  # noise scale
+    app.include_router(tokens.router)
     app.include_router(health.router)
-    install_metrics_route(app, registry)
+    install_metrics_route(app, registry, dependencies=[MetricsReader])
     app.include_router(pages.router)
+    app.include_router(login.router)
     return app
 
 
@@ -96,16 +106,24 @@ def _start_alert_worker(app: FastAPI, settings: Settings) -> AlertWorker | None:
     return worker
 
 
-def _error(app: FastAPI, status: int, name: str, detail: object) -> JSONResponse:
+def _error(
+    app: FastAPI, status: int, name: str, detail: object, headers: dict[str, str] | None = None
+) -> JSONResponse:
     if 400 <= status < 500:
         app.state.metrics.ingest_rejected.labels(name).inc()
-    return JSONResponse({"error": name, "detail": detail}, status_code=status)
+    return JSONResponse({"error": name, "detail": detail}, status_code=status, headers=headers)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(errors.GradsentryError)
     async def domain_error(_req: Request, exc: errors.GradsentryError) -> JSONResponse:
-        return _error(app, exc.status_code, type(exc).__name__, exc.detail)
+        return _error(app, exc.status_code, type(exc).__name__, exc.detail, exc.headers)
+
+    @app.exception_handler(LoginRequired)
+    async def login_required(_req: Request, exc: LoginRequired) -> RedirectResponse:
+        fields = {"next": exc.next_url, **({"reason": exc.reason} if exc.reason else {})}
+        query = urllib.parse.urlencode(fields)
+        return RedirectResponse(f"/login?{query}", status_code=303)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_req: Request, exc: RequestValidationError) -> JSONResponse:

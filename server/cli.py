@@ -1,4 +1,4 @@
-"""``gradsentry`` command line: serve | migrate | demo | sync."""
+"""``gradsentry`` command line: serve | migrate | demo | sync | token."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+from server.auth.mode import is_loopback, resolve
 from server.settings import Settings
 
 
@@ -28,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--log-level", default="info")
     serve.add_argument("--workers", type=int, default=1,
                        help="collector processes sharing the port (Postgres only; default 1)")
+    serve.add_argument("--insecure-no-auth", action="store_true",
+                       help="serve without API tokens even on a non-loopback host "
+                       "(same as GRADSENTRY_AUTH=off)")
 
     migrate = sub.add_parser("migrate", help="upgrade (or downgrade) the database schema")
     migrate.add_argument("revision", nargs="?", default="head")
@@ -55,8 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     sync.add_argument("--attempts", type=int, default=5,
                       help="tries per request when the collector is unreachable or busy")
 
+    from server.auth import cli as token_cli
+
+    token_cli.add_parser(sub)
+
     args = parser.parse_args(argv)
-    handler = {"serve": _serve, "migrate": _migrate, "demo": _demo, "sync": _sync}[args.command]
+    handler = {"serve": _serve, "migrate": _migrate, "demo": _demo, "sync": _sync,
+               "token": token_cli.run}[args.command]
     return handler(args)
 
 
@@ -82,12 +91,18 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     if not args.no_migrate:
         upgrade(settings.database_url)
+    mode = "off" if args.insecure_no_auth else resolve(settings.auth, args.host)
+    banner = auth_banner(mode, args.host, settings)
+    if banner is None:
+        return 2
+    settings = settings.model_copy(update={"auth": mode})
+    os.environ["GRADSENTRY_AUTH"] = mode  # worker processes read their settings from the env
     print(f"gradsentry collector on http://{args.host}:{args.port} "
           f"(database: {_redact(settings.database_url)}"
-          f"{f', {args.workers} worker processes' if args.workers > 1 else ''})", flush=True)
+          f"{f', {args.workers} worker processes' if args.workers > 1 else ''})\n{banner}",
+          flush=True)
     if args.workers == 1:
-        app = create_app(settings)
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
         return 0
     # Worker processes build their own app from the environment (server.app.app_from_env):
     # settings given on the command line travel there as GRADSENTRY_* variables.
@@ -95,6 +110,45 @@ def _serve(args: argparse.Namespace) -> int:
     uvicorn.run("server.app:app_from_env", factory=True, workers=args.workers,
                 host=args.host, port=args.port, log_level=args.log_level)
     return 0
+
+
+def auth_banner(mode: str, host: str, settings: Settings) -> str | None:
+    """The line ``serve`` prints about access control, or None (after saying why on stderr)
+    when tokens are required and the database holds none: nobody could use the collector."""
+    if mode == "off":
+        if is_loopback(host):
+            return ("auth: open (localhost only): no API tokens needed; a non-loopback --host "
+                    "requires them")
+        return (f"auth: OFF on {host} (--insecure-no-auth / GRADSENTRY_AUTH=off): anyone who "
+                "reaches this port can read and write every project")
+    from sqlalchemy.exc import SQLAlchemyError
+    from sqlalchemy.orm import Session
+
+    from server.auth.store import active_count
+    from server.db import make_engine
+
+    engine = make_engine(settings.database_url)
+    try:
+        with Session(engine) as session:
+            active = active_count(session)
+    except SQLAlchemyError as exc:
+        print(f"gradsentry: cannot read API tokens ({type(exc).__name__}); run "
+              "`gradsentry migrate` first", file=sys.stderr)
+        return None
+    finally:
+        engine.dispose()
+    if active == 0:
+        print(f"gradsentry: refusing to serve on {host}: API tokens are required "
+              f"(GRADSENTRY_AUTH={settings.auth}; auto requires them off localhost) and "
+              f"{_redact(settings.database_url)} holds none. Create one (printed once; same "
+              "--database-url or $GRADSENTRY_DATABASE_URL):\n"
+              "  gradsentry token create --all-projects --scope admin\n"
+              f"or serve on 127.0.0.1, or pass --insecure-no-auth (GRADSENTRY_AUTH=off) to "
+              "run without tokens.", file=sys.stderr)
+        return None
+    limit = (f"{settings.rate_limit_requests} requests per {settings.rate_limit_window_s} s "
+             "per token" if settings.rate_limit_requests else "no rate limit")
+    return f"auth: required: API tokens ({active} active); {limit}"
 
 
 def _migrate(args: argparse.Namespace) -> int:
@@ -126,7 +180,10 @@ def _redact(url: str) -> str:
 
 
 def _get_json(url: str, timeout: float = 5.0) -> Any:
-    with urllib.request.urlopen(url, timeout=timeout) as resp:
+    token = os.environ.get("GRADSENTRY_TOKEN")  # as the demo's training process uses
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers),
+                                timeout=timeout) as resp:
         return json.loads(resp.read())
 
 

@@ -5,11 +5,14 @@ Hierarchy::
 
     GradsentryError
     ├── BadRequest (400)            CorruptBody
+    ├── Unauthorized (401)          no, malformed, unknown or revoked token
+    ├── Forbidden (403)             a valid token without the scope or the project
     ├── NotFound (404)              RunNotFound, SeriesNotFound
     ├── Conflict (409)              RunConflict
     ├── PayloadTooLarge (413)       BodyTooLarge, BatchTooLarge
     ├── UnsupportedMediaType (415)  WrongContentType
-    └── InvalidInput (422)          InvalidBatch, LayerCountMismatch, DuplicateStep
+    ├── InvalidInput (422)          InvalidBatch, LayerCountMismatch, DuplicateStep
+    └── TooManyRequests (429)       RateLimited (with Retry-After)
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ class GradsentryError(Exception):
     """Base of every error the API reports on purpose."""
 
     status_code = 500
+    headers: dict[str, str] = {}  # sent with the answer
 
     def __init__(self, detail: str) -> None:
         super().__init__(detail)
@@ -31,6 +35,17 @@ class BadRequest(GradsentryError):
 
 class CorruptBody(BadRequest):
     """The body could not be decompressed or decoded."""
+
+
+class Unauthorized(GradsentryError):
+    """No usable credentials; the answer asks for a bearer token."""
+
+    status_code = 401
+    headers = {"WWW-Authenticate": 'Bearer realm="gradsentry"'}
+
+
+class Forbidden(GradsentryError):
+    status_code = 403
 
 
 class NotFound(GradsentryError):
@@ -88,3 +103,13 @@ class LayerCountMismatch(InvalidInput):
 
 class DuplicateStep(InvalidInput):
     pass
+
+
+class TooManyRequests(GradsentryError):
+    status_code = 429
+
+
+class RateLimited(TooManyRequests):
+    def __init__(self, detail: str, retry_after: int) -> None:
+        super().__init__(detail)
+        self.headers = {"Retry-After": str(retry_after)}

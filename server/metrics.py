@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta, timezone
+from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from prometheus_client import (
@@ -164,10 +165,13 @@ def count_layer_values(batch: StepBatch) -> int:
     return sum(len(getattr(s, f) or ()) for s in batch.steps for f in fields)
 
 
-def install_metrics_route(app: FastAPI, registry: CollectorRegistry) -> None:
-    """``GET /metrics`` in the Prometheus text format (no redirect to ``/metrics/``)."""
+def install_metrics_route(
+    app: FastAPI, registry: CollectorRegistry, dependencies: Sequence[Any] = ()
+) -> None:
+    """``GET /metrics`` in the Prometheus text format (no redirect to ``/metrics/``);
+    ``dependencies``: e.g. the access check."""
 
-    @app.get("/metrics", include_in_schema=False)
+    @app.get("/metrics", include_in_schema=False, dependencies=list(dependencies))
     def _metrics() -> Response:  # sync: the database gauges run in the threadpool
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 

@@ -141,4 +141,5 @@ STEP_SERIES = ("loss", "grad_norm", "lr", "batch_size", "samples", "tokens", "no
                "wall_time", "clip_coef", "loss_scale", "local_grad_norm", "micro_batches")
 
 from server import models_alerts  # noqa: E402,F401  (alert tables join the metadata)
+from server import models_auth as _models_auth  # noqa: E402,F401  (api_tokens, rate_counters)
 from server import models_rollups as _models_rollups  # noqa: E402,F401  (layer_rollups table)

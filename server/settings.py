@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import platformdirs
 from pydantic import Field, field_validator
@@ -21,10 +22,18 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GRADSENTRY_", extra="ignore")
 
     database_url: str = Field(default_factory=default_database_url)
-    # Limits on one ingest request; each is answered with a 413 naming the limit.
-    max_body_bytes: int = 64 * 1024 * 1024  # after gzip decompression
+    # Access control (README "Access control"). auto: API tokens are required unless the
+    # collector is bound to a loopback address; `gradsentry serve` resolves it from --host.
+    auth: Literal["auto", "required", "off"] = "auto"
+    # Requests per token per fixed window, shared by every collector process on the database
+    # (429 with Retry-After above it); 0 turns the limit off. Open mode has no rate limit.
+    rate_limit_requests: int = Field(default=20_000, ge=0)
+    rate_limit_window_s: int = Field(default=10, ge=1, le=3600)
+    # Limits on one request; each is answered with a 4xx naming the limit.
+    max_body_bytes: int = 64 * 1024 * 1024  # any request; ingest: also after gzip decompression
     max_steps_per_batch: int = 10_000
     max_layers_per_run: int = 100_000
+    max_scalars_per_step: int = 1_000  # extra named scalars of one step (and of its window)
     # Reads.
     default_max_points: int = 1000
     max_max_points: int = 100_000

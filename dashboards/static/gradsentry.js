@@ -8,6 +8,9 @@ const GS = (() => {
 
   async function getJSON(url, opts) {
     const r = await fetch(url, opts);
+    if (r.status === 401) {  // the sign-in cookie is gone or its token was revoked
+      location.href = "/login?next=" + encodeURIComponent(location.pathname + location.search);
+    }
     if (!r.ok) {
       const err = new Error(`${url}: HTTP ${r.status}`);
       err.status = r.status;

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Request, Response
 
 from server import errors
 from server.api.responses import WireJSONResponse
+from server.auth.deps import Ingest, IngestRun
 from server.db import SessionDep, SettingsDep
 from server.metrics import Metrics, count_layer_values
 from server.schemas import IngestResult, RunCreate, RunOut, StepBatch
@@ -43,14 +44,17 @@ async def steps_body(request: Request, settings: SettingsDep) -> StepBatch:
     status_code=201,
     responses={200: {"model": RunOut, "description": "The run existed and is resumed"}},
 )
-def create_run(spec: RunCreate, session: SessionDep, settings: SettingsDep) -> Response:
+def create_run(
+    principal: Ingest, spec: RunCreate, session: SessionDep, settings: SettingsDep
+) -> Response:
     """Create a run, or resume the run with this id (idempotent)."""
+    principal.require_project(spec.project)
     run, created = runs.create_or_resume(session, spec, settings)
     return WireJSONResponse(run, status_code=201 if created else 200)
 
 
 @router.post("/runs/{run_id}/finish", response_model=RunOut)
-def finish_run(run_id: str, session: SessionDep) -> Response:
+def finish_run(run_id: str, _principal: IngestRun, session: SessionDep) -> Response:
     """Mark the run finished (the client does at close); new steps resume it."""
     return WireJSONResponse(runs.finish_run(session, run_id))
 
@@ -69,6 +73,7 @@ def finish_run(run_id: str, session: SessionDep) -> Response:
 def post_steps(
     request: Request,
     run_id: str,
+    _principal: IngestRun,  # before the body is read
     batch: Annotated[StepBatch, Depends(steps_body)],
     session: SessionDep,
     settings: SettingsDep,

@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Response
 
 from server.api.responses import WireJSONResponse
+from server.auth.deps import ReadRun
 from server.db import SessionDep, SettingsDep
 from server.schemas_noise import NoiseScaleResponse
 from server.services import noise
@@ -17,6 +18,7 @@ router = APIRouter(prefix="/api/v1", tags=["read"])
 @router.get("/runs/{run_id}/noise-scale", response_model=NoiseScaleResponse)
 def get_noise_scale(
     run_id: str,
+    _principal: ReadRun,
     session: SessionDep,
     settings: SettingsDep,
     horizon: Annotated[

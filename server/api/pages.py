@@ -20,6 +20,7 @@ from dashboards.figures import age_text, health
 from dashboards.views import compare_figures, layer_figures, run_figures
 from server import errors
 from server.api.responses import WireJSONResponse
+from server.auth.deps import Read, ReadPage, ReadRun, ReadRunPage, check_run
 from server.db import SessionDep
 from server.services import dashboard
 from server.services import runs as run_service
@@ -62,8 +63,8 @@ def _render(request: Request, name: str, context: dict[str, Any]) -> HTMLRespons
 
 
 @router.get("/", response_class=HTMLResponse)
-def index(request: Request, session: SessionDep) -> HTMLResponse:
-    rows = dashboard.run_rows(session, None, 200)
+def index(request: Request, principal: ReadPage, session: SessionDep) -> HTMLResponse:
+    rows = dashboard.run_rows(session, principal.project, 200)
     return _render(
         request,
         "index.html",
@@ -80,14 +81,18 @@ def index(request: Request, session: SessionDep) -> HTMLResponse:
 
 @router.get("/runs/{run_id}", response_class=HTMLResponse)
 def run_page(
-    run_id: str, request: Request, session: SessionDep, poll_ms: PollQ = 3000
+    run_id: str,
+    request: Request,
+    _principal: ReadRunPage,
+    session: SessionDep,
+    poll_ms: PollQ = 3000,
 ) -> HTMLResponse:
     run = run_service.describe(session, run_id)
     return _render(request, "run.html", {"run": run, "poll_ms": poll_ms})
 
 
 @router.get("/runs/{run_id}/figures.json")
-def run_figures_json(run_id: str, session: SessionDep) -> Response:
+def run_figures_json(run_id: str, _principal: ReadRun, session: SessionDep) -> Response:
     d = dashboard.run_page(session, run_id, SERIES_POINTS, HEATMAP_POINTS)
     figures = run_figures(d.series, d.lr_groups, d.grad, d.update_ratio)
     return FigureJSONResponse(
@@ -101,7 +106,7 @@ def run_figures_json(run_id: str, session: SessionDep) -> Response:
 
 
 @router.get("/runs/{run_id}/layer.json")
-def layer_json(run_id: str, session: SessionDep, name: str) -> Response:
+def layer_json(run_id: str, _principal: ReadRun, session: SessionDep, name: str) -> Response:
     return FigureJSONResponse(
         layer_figures(name, dashboard.layer_detail(session, run_id, name, SERIES_POINTS))
     )
@@ -116,10 +121,11 @@ def _run_list(raw: str) -> list[str]:
 
 @router.get("/compare", response_class=HTMLResponse)
 def compare_page(
-    request: Request, session: SessionDep, runs: str, poll_ms: PollQ = 5000
+    request: Request, principal: ReadPage, session: SessionDep, runs: str, poll_ms: PollQ = 5000
 ) -> HTMLResponse:
     ids = _run_list(runs)
-    for run_id in ids:  # 404 for an unknown run
+    for run_id in ids:  # 404 for an unknown run, 403 for another project's
+        check_run(session, principal, run_id)
         run_service.get_run(session, run_id)
     return _render(
         request, "compare.html", {"runs": ids, "names": COMPARE_SERIES, "poll_ms": poll_ms}
@@ -127,8 +133,12 @@ def compare_page(
 
 
 @router.get("/compare/figures.json")
-def compare_json(session: SessionDep, runs: str, names: str = "loss,grad_norm") -> Response:
+def compare_json(
+    principal: Read, session: SessionDep, runs: str, names: str = "loss,grad_norm"
+) -> Response:
     wanted = [n.strip() for n in names.split(",") if n.strip()]
+    for run_id in _run_list(runs):
+        check_run(session, principal, run_id)
     return FigureJSONResponse(
         {
             "figures": compare_figures(
@@ -139,7 +149,7 @@ def compare_json(session: SessionDep, runs: str, names: str = "loss,grad_norm") 
 
 
 @router.get("/alerts", response_class=HTMLResponse)
-def alerts_page(request: Request) -> HTMLResponse:
+def alerts_page(request: Request, _principal: ReadPage) -> HTMLResponse:
     return _render(request, "alerts.html", {})
 
 

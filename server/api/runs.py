@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Response
 
 from server.api.responses import WireJSONResponse
+from server.auth.deps import Read, ReadRun
 from server.db import SessionDep, SettingsDep
 from server.schemas import LayersResponse, ProjectOut, RunOut, SeriesResponse
 from server.services import runs, series
@@ -26,28 +27,31 @@ def _points(max_points: int | None, settings: SettingsDep) -> int:
 
 
 @router.get("/projects", response_model=list[ProjectOut])
-def list_projects(session: SessionDep) -> Response:
-    return WireJSONResponse(runs.list_projects(session))
+def list_projects(principal: Read, session: SessionDep) -> Response:
+    return WireJSONResponse(runs.list_projects(session, principal.project))
 
 
 @router.get("/runs", response_model=list[RunOut])
 def list_runs(
+    principal: Read,
     session: SessionDep,
     project: str | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> Response:
+    project = principal.project_filter(project)
     return WireJSONResponse(runs.list_runs(session, project, limit, offset))
 
 
 @router.get("/runs/{run_id}", response_model=RunOut)
-def get_run(run_id: str, session: SessionDep) -> Response:
+def get_run(run_id: str, _principal: ReadRun, session: SessionDep) -> Response:
     return WireJSONResponse(runs.describe(session, run_id))
 
 
 @router.get("/runs/{run_id}/series", response_model=SeriesResponse)
 def get_series(
     run_id: str,
+    _principal: ReadRun,
     session: SessionDep,
     settings: SettingsDep,
     names: Annotated[str, Query(description="comma-separated series names")] = "loss,grad_norm",
@@ -65,6 +69,7 @@ def get_series(
 @router.get("/runs/{run_id}/layers", response_model=LayersResponse)
 def get_layers(
     run_id: str,
+    _principal: ReadRun,
     session: SessionDep,
     settings: SettingsDep,
     metric: str = "grad_norm",

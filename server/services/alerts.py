@@ -327,10 +327,15 @@ def _receiver_out(session: Session, r: Receiver, project: str | None) -> Receive
     )
 
 
-def list_receivers(session: Session, project: str | None) -> ReceiverList:
+def list_receivers(
+    session: Session, project: str | None, include_global: bool = True
+) -> ReceiverList:
+    """Receivers of ``project`` (all when None), with those for every project if
+    ``include_global``."""
     query = select(Receiver, Project.name).outerjoin(Project, Project.id == Receiver.project_id)
     if project is not None:
-        query = query.where(or_(Project.name == project, Receiver.project_id.is_(None)))
+        mine = Project.name == project
+        query = query.where(or_(mine, Receiver.project_id.is_(None)) if include_global else mine)
     rows = session.execute(query.order_by(Receiver.id)).all()
     return ReceiverList(receivers=[_receiver_out(session, r, p) for r, p in rows])
 
@@ -368,9 +373,21 @@ def delete_receiver(session: Session, receiver_id: int) -> None:
 
 
 def list_notifications(
-    session: Session, alert_id: int | None, receiver: str | None, status: str | None, limit: int
+    session: Session,
+    alert_id: int | None,
+    receiver: str | None,
+    status: str | None,
+    limit: int,
+    project: str | None = None,
 ) -> NotificationList:
+    """The outbox, newest first; ``project``: only notifications of that project's alerts."""
     query = select(Notification, Receiver).join(Receiver, Receiver.id == Notification.receiver_id)
+    if project is not None:
+        query = (
+            query.join(Alert, Alert.id == Notification.alert_id)
+            .join(Project, Project.id == Alert.project_id)
+            .where(Project.name == project)
+        )
     if alert_id is not None:
         query = query.where(Notification.alert_id == alert_id)
     if receiver is not None:

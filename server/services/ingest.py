@@ -126,6 +126,7 @@ def ingest_steps(
         raise errors.BatchTooLarge(
             f"{len(steps)} steps exceed the limit of {settings.max_steps_per_batch} per batch"
         )
+    _check_scalar_counts(steps, settings.max_scalars_per_step)
     # Ingests of one run take turns (any process): the rollups are recomputed from the stored
     # steps around the batch, and last_step only grows, which needs the others' commits.
     run = get_run(session, run_id, lock=True)
@@ -206,6 +207,16 @@ def _among(steps: list[int], session: Session) -> Any:
     if session.get_bind().dialect.name == "postgresql":
         return Step.step == any_(bindparam("batch_steps", steps, type_=ARRAY(BigInteger)))
     return Step.step.in_(steps)
+
+
+def _check_scalar_counts(steps: Sequence[StepIn], limit: int) -> None:
+    for i, s in enumerate(steps):
+        n = max(len(s.scalars), len(s.window.series) if s.window is not None else 0)
+        if n > limit:
+            raise errors.BatchTooLarge(
+                f"steps.{i}: {n} named scalars exceed the limit of {limit} per step "
+                "(GRADSENTRY_MAX_SCALARS_PER_STEP)"
+            )
 
 
 def _check_steps(steps: Sequence[StepIn], n_layers: int) -> None:

@@ -157,13 +157,16 @@ def list_runs(
     return [run_out(session, run, name) for run, name in session.execute(query).all()]
 
 
-def list_projects(session: Session) -> list[ProjectOut]:
+def list_projects(session: Session, only: str | None = None) -> list[ProjectOut]:
+    """Every project, or just ``only`` (a project-scoped token sees its own)."""
     query = (
         select(Project, func.count(Run.pk), func.max(Run.updated_at))
         .outerjoin(Run, Run.project_id == Project.id)
         .group_by(Project.id)
         .order_by(Project.name)
     )
+    if only is not None:
+        query = query.where(Project.name == only)
     return [
         ProjectOut(name=p.name, created_at=p.created_at, runs=n, last_activity=last)
         for p, n, last in session.execute(query).all()

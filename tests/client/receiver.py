@@ -9,10 +9,12 @@ import gzip
 import json
 import re
 import threading
+import time
 from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+Answer = tuple[int, dict[str, Any]] | tuple[int, dict[str, Any], dict[str, str]]
 _STEPS_PATH = re.compile(r"^/api/v1/runs/([^/]+)/steps$")
 
 
@@ -25,8 +27,10 @@ class Receiver:
         self.log: list[tuple[str, int]] = []  # (path, status answered), every request
         self.headers: list[dict[str, str]] = []
         self.finished: list[str] = []  # run ids of POST /api/v1/runs/{run}/finish
-        self.run_answers: deque[tuple[int, dict[str, Any]]] = deque()
-        self.step_answers: deque[tuple[int, dict[str, Any]]] = deque()
+        # Scripted answers: (status, body) or (status, body, extra response headers).
+        self.run_answers: deque[Answer] = deque()
+        self.step_answers: deque[Answer] = deque()
+        self.times: list[float] = []  # time.monotonic() of every request, like ``log``
         self.release_runs = threading.Event()  # clear() to hold run creation until set()
         self.release_runs.set()
         self._lock = threading.Lock()
@@ -42,29 +46,32 @@ class Receiver:
         with self._lock:
             return [s for batch in self.batches for s in batch["steps"]]
 
-    def answer(self, path: str, body: dict[str, Any], headers: dict[str, str]) -> tuple[int, Any]:
+    def answer(self, path: str, body: dict[str, Any],
+               headers: dict[str, str]) -> tuple[int, Any, dict[str, str]]:
+        extra: dict[str, str] = {}
         if path == "/api/v1/runs":
             self.release_runs.wait(timeout=20)
-            status, reply = _next(self.run_answers, (201, {"id": body.get("id")}))
+            status, reply, extra = _next(self.run_answers, (201, {"id": body.get("id")}))
             store = self.runs
         elif match := _STEPS_PATH.match(path):
             n = len(body["steps"])
-            status, reply = _next(self.step_answers, (200, {"accepted": n}))
+            status, reply, extra = _next(self.step_answers, (200, {"accepted": n}))
             store = self.batches
             if match.group(1) not in {r["id"] for r in self.runs}:
                 status, reply = 404, {"error": "RunNotFound", "detail": match.group(1)}
         elif path.startswith("/api/v1/runs/") and path.endswith("/finish"):
             with self._lock:
                 self.finished.append(path.split("/")[4])
-            return 200, {}
+            return 200, {}, {}
         else:
-            return 404, {"error": "NotFound", "detail": path}
+            return 404, {"error": "NotFound", "detail": path}, {}
         with self._lock:
             self.log.append((path, status))
+            self.times.append(time.monotonic())
             self.headers.append(headers)
             if status < 300:
                 store.append(body)
-        return status, reply
+        return status, reply, extra
 
     def close(self) -> None:
         self.release_runs.set()
@@ -73,12 +80,13 @@ class Receiver:
         self._thread.join(timeout=5)
 
 
-def _next(answers: deque[tuple[int, dict[str, Any]]],
-          default: tuple[int, dict[str, Any]]) -> tuple[int, dict[str, Any]]:
+def _next(answers: deque[Answer],
+          default: tuple[int, dict[str, Any]]) -> tuple[int, dict[str, Any], dict[str, str]]:
     try:
-        return answers.popleft()
+        answer = answers.popleft()
     except IndexError:
-        return default
+        answer = default
+    return answer[0], answer[1], answer[2] if len(answer) == 3 else {}
 
 
 def _handler(receiver: Receiver) -> type[BaseHTTPRequestHandler]:
@@ -87,9 +95,11 @@ def _handler(receiver: Receiver) -> type[BaseHTTPRequestHandler]:
             raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
             if self.headers.get("Content-Encoding") == "gzip":
                 raw = gzip.decompress(raw)
-            status, reply = receiver.answer(self.path, json.loads(raw), dict(self.headers))
+            status, reply, extra = receiver.answer(self.path, json.loads(raw), dict(self.headers))
             data = json.dumps(reply).encode()
             self.send_response(status)
+            for name, value in extra.items():
+                self.send_header(name, value)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()

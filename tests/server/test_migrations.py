@@ -20,7 +20,7 @@ from tests.conftest import fresh_pg_database
 
 TABLES = {"projects", "runs", "steps", "layer_values", "scalars", "layer_rollups",
           "series_rollups", "alert_states", "alerts", "alert_silences", "alert_rules",
-          "alert_receivers", "alert_notifications"}
+          "alert_receivers", "alert_notifications", "api_tokens", "rate_counters"}
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -13,6 +13,9 @@ PUBLIC = {
     ("get", "/api/v1/runs/{run_id}/series"),
     ("get", "/api/v1/runs/{run_id}/layers"),
     ("get", "/healthz"),
+    ("post", "/api/v1/tokens"),
+    ("get", "/api/v1/tokens"),
+    ("delete", "/api/v1/tokens/{token_id}"),
 }
 
 
@@ -22,6 +25,10 @@ def test_openapi_lists_the_endpoints(api: httpx.Client) -> None:
     assert found >= PUBLIC
     body = spec["paths"]["/api/v1/runs/{run_id}/steps"]["post"]["requestBody"]
     assert "steps" in str(body["content"]["application/json"]["schema"])
+    # the bearer token scheme is declared, and used by the API routes (not by /healthz)
+    assert spec["components"]["securitySchemes"]["token"]["scheme"].lower() == "bearer"
+    assert spec["paths"]["/api/v1/runs"]["get"]["security"] == [{"token": []}]
+    assert "security" not in spec["paths"]["/healthz"]["get"]
     assert api.get("/docs").status_code == 200
 
 
