@@ -53,8 +53,8 @@ from typing import Any
 import torch
 from torch.utils.hooks import RemovableHandle
 
+from . import overlap, wire
 from . import spool as spool_mod
-from . import wire
 from .gns import NoiseScale
 from .gns import parse_mode as parse_gns_mode
 from .norms import LayerNorms
@@ -243,6 +243,7 @@ class Monitor:
         self._enabled = enabled
         self._sender: Sender | None = None
         self._noise: NoiseScale | None = None  # noise scale: small-batch norms (gns.py)
+        self._worker: overlap.NormWorker | None = None  # CPU: norms during backward
         if noise_scale is not None:
             parse_gns_mode(noise_scale)  # raises ValueError on an unknown mode
         if dataset_size is not None and (not isinstance(dataset_size, int) or dataset_size < 2):
@@ -286,6 +287,12 @@ class Monitor:
                 handle = param.register_post_accumulate_grad_hook(self._on_grad)  # type: ignore[no-untyped-call]
                 self._param_handles.append(handle)
                 self._handles.append(handle)
+        # CPU training with an idle core: per-tensor norms taken during the backward pass
+        # (client_hooks/overlap.py). Not with several ranks: the all-reduce rewrites the
+        # gradients after their hooks, so the worker's norms would all be discarded.
+        if (self.world_size == 1 and not self._norms.sharding.active
+                and overlap.wanted(self._norms.params)):
+            self._worker = overlap.NormWorker(self._norms.params)
         self._handles.append(optimizer.register_step_pre_hook(self._on_step_pre))
         self._handles.append(optimizer.register_step_post_hook(self._on_step))
         if noise_scale is not None:  # noise scale: self-contained hooks (client_hooks/gns.py)
@@ -353,6 +360,9 @@ class Monitor:
         self._handles.clear()
         self._send_held()
         self._before = None  # a weight copy left by a step that raised
+        if self._worker is not None:
+            self._worker.close()
+            self._worker.discard()
         if self._noise is not None:  # noise scale
             self._noise.close()
         if self._sender is not None:
@@ -444,7 +454,8 @@ class Monitor:
     def _on_reduced(self, scale: torch.Tensor | None) -> None:
         """Callback B: the gradient as the optimizer will see it, before clipping."""
         try:
-            norms = self._norms.compute(scale) if self._norms.params else None
+            ready = self._worker.collect() if self._worker is not None else None
+            norms = self._norms.compute(scale, ready) if self._norms.params else None
             kept = None if scale is None else scale.detach().clone()  # update() changes it
             self._stash = _Measured(norms, self._local, kept, self._micro,
                                     self._norms.signature())

@@ -1,0 +1,171 @@
+"""CPU training: per-tensor gradient norms taken on a second thread while backward still runs.
+
+On a GPU the reduction is a few asynchronous kernels and the training thread only launches
+them. On a CPU the kernels run on the training thread itself: reading every gradient once
+costs about as much as a plain ``sum`` of all of them, after the backward pass. When torch
+leaves a core idle (``torch.get_num_threads()`` below the cores this process may use), that
+read can overlap the backward pass instead:
+
+* a post-accumulate-grad hook on each large parameter hands its gradient to a worker
+  thread as soon as autograd has accumulated it (one ``SimpleQueue.put``, a few µs);
+* the worker computes its 2-norm (``torch._foreach_norm``; the kernel releases the GIL) and
+  records which tensor and which in-place version it read;
+* at the end of the pass (callback B, :meth:`NormWorker.collect`) the training thread waits
+  for the worker to drain its queue and keeps a result only if the gradient is still the
+  very tensor the worker read (``is``) at the same ``_version``. Anything else (a gradient
+  accumulated again in the same pass, replaced, modified in place by another hook, or a
+  small tensor without a hook) is reduced on the training thread, as without the worker.
+
+So the norms are those of the final gradient of the pass, bit-equal to the ones the
+training thread would compute, and nothing is read after callback B (clipping, unscaling and
+the optimizer come later). The worker only reads gradients. Its CPU time is real: it uses
+the idle core; with every core busy (the default torch thread count) it is not started.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .norms import Ready, _foreach_norm
+
+logger = logging.getLogger("client_hooks")
+
+ENV = "GRADSENTRY_NORM_THREAD"
+# Smaller tensors are reduced at the end of the pass: a hook (~3 µs) would cost more than
+# their norm.
+MIN_NUMEL = 16384
+# Waiting longer than this for the worker means it is stuck or starved: reduce on the
+# training thread and stop using it.
+JOIN_TIMEOUT_S = 5.0
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+# One result: (the gradient read, its _version when read, its 2-norm as a 0-d tensor).
+Result = Ready
+
+
+def wanted(params: list[torch.Tensor], setting: str | None = None) -> bool:
+    """Whether to start a norm worker for these parameters (all on the CPU, plain tensors).
+
+    ``setting`` (default ``$GRADSENTRY_NORM_THREAD``): ``"1"`` on, ``"0"`` off, unset or
+    ``"auto"``: on when torch's intra-op thread count leaves a core idle.
+    """
+    setting = (os.environ.get(ENV, "auto") if setting is None else setting).strip().lower()
+    if setting in ("0", "off", "false", "no"):
+        return False
+    if not params or any(p.device.type != "cpu" or type(p) not in (torch.Tensor, torch.nn.Parameter)
+                         for p in params):
+        return False
+    if not any(p.numel() >= MIN_NUMEL for p in params):
+        return False
+    if setting in ("1", "on", "true", "yes"):
+        return True
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return torch.get_num_threads() < cores
+
+
+class NormWorker:
+    """The worker thread and the hooks that feed it (see the module docstring)."""
+
+    def __init__(self, params: list[torch.Tensor]) -> None:
+        self.positions = [i for i, p in enumerate(params) if p.numel() >= MIN_NUMEL]
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._results: dict[int, Result] = {}
+        self._lock = threading.Lock()
+        self.failed = False
+        self.handles = [params[i].register_post_accumulate_grad_hook(self._hook(i))  # type: ignore[no-untyped-call]
+                        for i in self.positions]
+        self._thread = threading.Thread(target=self._run, name="gradsentry-norms", daemon=True)
+        self._thread.start()
+
+    def _hook(self, i: int) -> Callable[[torch.Tensor], None]:
+        put = self._queue.put
+
+        def hook(param: torch.Tensor) -> None:
+            put((i, param.grad))
+
+        return hook
+
+    def collect(self) -> dict[int, Result]:
+        """Wait until every gradient handed over so far is reduced; take the results.
+
+        Returns ``{position: (grad, version, norm)}``; the caller keeps a result only if the
+        parameter's gradient is still ``grad`` at ``version``. Empty if the worker failed.
+        """
+        if self.failed:
+            return {}
+        done = threading.Event()
+        self._queue.put(done)
+        if not done.wait(JOIN_TIMEOUT_S):
+            self.failed = True
+            logger.warning("gradsentry: the norm worker thread did not answer in %.0f s; "
+                           "norms are computed on the training thread from now on",
+                           JOIN_TIMEOUT_S)
+            self.close()
+            return {}
+        with self._lock:
+            results, self._results = self._results, {}
+        return results
+
+    def discard(self) -> None:
+        """Drop results held (they reference gradients): the pass they belong to is over."""
+        with self._lock:
+            self._results = {}
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        self._queue.put(None)
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)  # thread-local: a create_graph=True gradient records nothing
+        get, get_nowait = self._queue.get, self._queue.get_nowait
+        while True:
+            batch = [get()]
+            while True:
+                try:
+                    batch.append(get_nowait())
+                except queue.Empty:
+                    break
+            work: list[tuple[int, torch.Tensor]] = []
+            for item in batch:
+                if isinstance(item, tuple):
+                    if item[1] is not None:
+                        work.append(item)
+                    continue
+                self._reduce(work)  # everything queued before the marker
+                work = []
+                if item is None:
+                    return
+                item.set()
+            self._reduce(work)
+
+    def _reduce(self, work: list[tuple[int, torch.Tensor]]) -> None:
+        if not work:
+            return
+        try:
+            grads = [g for _, g in work]
+            versions = [g._version for g in grads]
+            low = [j for j, g in enumerate(grads) if g.dtype in _LOW_PRECISION]
+            if low:  # as LayerNorms reduces them: into float32
+                norms = [torch.linalg.vector_norm(g) for g in grads]
+                for j, norm in zip(low, _foreach_norm([grads[j] for j in low], torch.float32),
+                                   strict=True):
+                    norms[j] = norm
+            else:
+                norms = list(torch._foreach_norm(grads))
+            with self._lock:
+                for (i, g), v, n in zip(work, versions, norms, strict=True):
+                    self._results[i] = (g, v, n)
+        except Exception:  # the training thread reduces what has no result
+            logger.debug("gradsentry: norm worker failed on a batch", exc_info=True)
