@@ -72,6 +72,7 @@ class LayerNorms:
         self.device = _local(self.params[0]).device if self.params else torch.device("cpu")
         self._acc = torch.float32 if self.device.type == "mps" else torch.float64
         self._plans: dict[tuple[torch.dtype | None, ...], list[_Group]] = {}
+        self.reused = 0  # per-tensor norms taken from compute(ready=...) so far
         counts = torch.zeros(len(self.layers), dtype=self._acc)
         for layer in self._layer_of:
             counts[layer] += 1
@@ -215,7 +216,8 @@ class LayerNorms:
         for group in plan:
             present = grads if group.everything else [grads[i] for i in group.positions]
             if ready:
-                norms = _reuse(present, group, ready)  # type: ignore[arg-type]
+                norms, reused = _reuse(present, group, ready)  # type: ignore[arg-type]
+                self.reused += reused
             else:
                 norms = _foreach_norm(present, group.norm_dtype)  # type: ignore[arg-type]
             out.append((group, torch.stack(norms).to(self.device, self._acc, non_blocking=True)))
@@ -248,9 +250,9 @@ class LayerNorms:
 
 
 def _reuse(present: list[torch.Tensor], group: _Group,
-           ready: Mapping[int, Ready]) -> list[torch.Tensor]:
+           ready: Mapping[int, Ready]) -> tuple[list[torch.Tensor], int]:
     """The group's norms: from ``ready`` where it holds this very gradient at this version,
-    computed here for the rest."""
+    computed here for the rest; and how many came from ``ready``."""
     norms: list[torch.Tensor | None] = []
     missing: list[int] = []
     for j, (i, g) in enumerate(zip(group.positions, present, strict=True)):
@@ -264,7 +266,7 @@ def _reuse(present: list[torch.Tensor], group: _Group,
         computed = _foreach_norm([present[j] for j in missing], group.norm_dtype)
         for j, norm in zip(missing, computed, strict=True):
             norms[j] = norm
-    return norms  # type: ignore[return-value]
+    return norms, len(present) - len(missing)  # type: ignore[return-value]
 
 
 def _foreach_norm(grads: list[torch.Tensor], dtype: torch.dtype | None) -> list[torch.Tensor]:

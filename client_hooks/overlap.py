@@ -10,11 +10,12 @@ read can overlap the backward pass instead:
   thread as soon as autograd has accumulated it (one ``SimpleQueue.put``, a few µs);
 * the worker computes its 2-norm (``torch._foreach_norm``; the kernel releases the GIL) and
   records which tensor and which in-place version it read;
-* at the end of the pass (callback B, :meth:`NormWorker.collect`) the training thread waits
-  for the worker to drain its queue and keeps a result only if the gradient is still the
-  very tensor the worker read (``is``) at the same ``_version``. Anything else (a gradient
-  accumulated again in the same pass, replaced, modified in place by another hook, or a
-  small tensor without a hook) is reduced on the training thread, as without the worker.
+* at the end of the pass (callback B, :meth:`NormWorker.collect`) the training thread takes
+  back the gradients the worker has not started, waits for the batch it is on, and keeps a
+  result only if the gradient is still the very tensor the worker read (``is``) at the same
+  ``_version``. Anything else (a gradient not started yet, accumulated again in the same
+  pass, replaced, modified in place by another hook, or a small tensor without a hook) is
+  reduced on the training thread, as without the worker.
 
 So the norms are those of the final gradient of the pass, bit-equal to the ones the
 training thread would compute, and nothing is read after callback B (clipping, unscaling and
@@ -29,7 +30,6 @@ import os
 import queue
 import threading
 from collections.abc import Callable
-from typing import Any
 
 import torch
 
@@ -78,9 +78,12 @@ class NormWorker:
 
     def __init__(self, params: list[torch.Tensor]) -> None:
         self.positions = [i for i, p in enumerate(params) if p.numel() >= MIN_NUMEL]
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[int, torch.Tensor | None, int] | None] = (
+            queue.SimpleQueue())
         self._results: dict[int, Result] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _results and _generation
+        self._busy = threading.Lock()  # held by the worker while it reduces a batch
+        self._generation = 0  # bumped by collect(): later results belong to the next pass
         self.failed = False
         self.handles = [params[i].register_post_accumulate_grad_hook(self._hook(i))  # type: ignore[no-untyped-call]
                         for i in self.positions]
@@ -91,34 +94,46 @@ class NormWorker:
         put = self._queue.put
 
         def hook(param: torch.Tensor) -> None:
-            put((i, param.grad))
+            put((i, param.grad, self._generation))
 
         return hook
 
     def collect(self) -> dict[int, Result]:
-        """Wait until every gradient handed over so far is reduced; take the results.
+        """The norms the worker took since the last call, once it is done with its batch.
 
-        Returns ``{position: (grad, version, norm)}``; the caller keeps a result only if the
-        parameter's gradient is still ``grad`` at ``version``. Empty if the worker failed.
+        Gradients still queued (the worker had not started them) are left to the caller,
+        which reduces them itself rather than wait: with no idle core the worker may be
+        slow to start. Returns ``{position: (grad, version, norm)}``; the caller keeps a
+        result only if the parameter's gradient is still ``grad`` at ``version``.
         """
         if self.failed:
             return {}
-        done = threading.Event()
-        self._queue.put(done)
-        if not done.wait(JOIN_TIMEOUT_S):
+        with self._lock:
+            self._generation += 1  # what the worker finishes from now on is dropped
+        while True:  # take back what the worker has not started
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:  # closing
+                self._queue.put(None)
+                break
+        if not self._busy.acquire(timeout=JOIN_TIMEOUT_S):  # the batch it is reducing
             self.failed = True
-            logger.warning("gradsentry: the norm worker thread did not answer in %.0f s; "
-                           "norms are computed on the training thread from now on",
+            logger.warning("gradsentry: the norm worker thread did not finish a batch in "
+                           "%.0f s; norms are computed on the training thread from now on",
                            JOIN_TIMEOUT_S)
             self.close()
             return {}
+        self._busy.release()
         with self._lock:
             results, self._results = self._results, {}
         return results
 
     def discard(self) -> None:
-        """Drop results held (they reference gradients): the pass they belong to is over."""
+        """Drop results held (they reference gradients)."""
         with self._lock:
+            self._generation += 1
             self._results = {}
 
     def close(self) -> None:
@@ -131,30 +146,24 @@ class NormWorker:
         torch.set_grad_enabled(False)  # thread-local: a create_graph=True gradient records nothing
         get, get_nowait = self._queue.get, self._queue.get_nowait
         while True:
-            batch = [get()]
-            while True:
-                try:
-                    batch.append(get_nowait())
-                except queue.Empty:
-                    break
-            work: list[tuple[int, torch.Tensor]] = []
-            for item in batch:
-                if isinstance(item, tuple):
-                    if item[1] is not None:
-                        work.append(item)
-                    continue
-                self._reduce(work)  # everything queued before the marker
-                work = []
-                if item is None:
-                    return
-                item.set()
-            self._reduce(work)
+            item = get()
+            with self._busy:
+                batch = [item]
+                while True:
+                    try:
+                        batch.append(get_nowait())
+                    except queue.Empty:
+                        break
+                closing = None in batch
+                self._reduce([t for t in batch if t is not None and t[1] is not None])
+            if closing:
+                return
 
-    def _reduce(self, work: list[tuple[int, torch.Tensor]]) -> None:
+    def _reduce(self, work: list[tuple[int, torch.Tensor | None, int]]) -> None:
         if not work:
             return
         try:
-            grads = [g for _, g in work]
+            grads: list[torch.Tensor] = [g for _, g, _ in work]  # type: ignore[misc]
             versions = [g._version for g in grads]
             low = [j for j, g in enumerate(grads) if g.dtype in _LOW_PRECISION]
             if low:  # as LayerNorms reduces them: into float32
@@ -165,7 +174,8 @@ class NormWorker:
             else:
                 norms = list(torch._foreach_norm(grads))
             with self._lock:
-                for (i, g), v, n in zip(work, versions, norms, strict=True):
-                    self._results[i] = (g, v, n)
+                for (i, g, gen), v, n in zip(work, versions, norms, strict=True):
+                    if gen == self._generation:
+                        self._results[i] = (g, v, n)  # type: ignore[assignment]
         except Exception:  # the training thread reduces what has no result
             logger.debug("gradsentry: norm worker failed on a batch", exc_info=True)
