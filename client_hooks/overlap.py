@@ -29,7 +29,7 @@ import logging
 import os
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -50,7 +50,7 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 Result = Ready
 
 
-def wanted(params: list[torch.Tensor], setting: str | None = None) -> bool:
+def wanted(params: Sequence[torch.Tensor], setting: str | None = None) -> bool:
     """Whether to start a norm worker for these parameters (all on the CPU, plain tensors).
 
     ``setting`` (default ``$GRADSENTRY_NORM_THREAD``): ``"1"`` on, ``"0"`` off, unset or

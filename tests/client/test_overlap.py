@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import time
 from typing import Any
@@ -207,7 +208,7 @@ def test_when_the_worker_is_started(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(overlap, "MIN_NUMEL", 16384)
     small = [torch.nn.Parameter(torch.zeros(100))]
     big = [torch.nn.Parameter(torch.zeros(16384)), *small]
-    cores = len(overlap.os.sched_getaffinity(0))
+    cores = len(os.sched_getaffinity(0))
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(cores)
