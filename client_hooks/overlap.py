@@ -11,16 +11,19 @@ read can overlap the backward pass instead:
 * the worker computes its 2-norm (``torch._foreach_norm``; the kernel releases the GIL) and
   records which tensor and which in-place version it read;
 * at the end of the pass (callback B, :meth:`NormWorker.collect`) the training thread takes
-  back the gradients the worker has not started, waits for the batch it is on, and keeps a
-  result only if the gradient is still the very tensor the worker read (``is``) at the same
-  ``_version``. Anything else (a gradient not started yet, accumulated again in the same
-  pass, replaced, modified in place by another hook, or a small tensor without a hook) is
-  reduced on the training thread, as without the worker.
+  back the gradients the worker has not started, waits for the batch it is on (at most
+  ``WAIT_S``; then it reduces that batch too), and keeps a result only if the gradient is
+  still the very tensor the worker read (``is``) at the same ``_version``. Anything else (a
+  gradient not started yet, accumulated again in the same pass, replaced, modified in place
+  by another hook, or a small tensor without a hook) is reduced on the training thread, as
+  without the worker.
 
 So the norms are those of the final gradient of the pass, bit-equal to the ones the
 training thread would compute, and nothing is read after callback B (clipping, unscaling and
 the optimizer come later). The worker only reads gradients. Its CPU time is real: it uses
-the idle core; with every core busy (the default torch thread count) it is not started.
+the idle core; with every core busy (the default torch thread count) it is not started. If
+another process takes that core, the training thread does the work it would have done
+without the worker, plus a wait of at most ``WAIT_S`` per pass.
 """
 
 from __future__ import annotations
@@ -41,9 +44,14 @@ ENV = "GRADSENTRY_NORM_THREAD"
 # Smaller tensors are reduced at the end of the pass: a hook (~3 µs) would cost more than
 # their norm.
 MIN_NUMEL = 16384
-# Waiting longer than this for the worker means it is stuck or starved: reduce on the
-# training thread and stop using it.
-JOIN_TIMEOUT_S = 5.0
+# At the end of a pass, the longest wait for the batch the worker is on (normally well under
+# a millisecond); past it the training thread reduces that batch itself.
+WAIT_S = 0.002
+# After this many passes in a row with the worker stuck in one batch and nothing delivered,
+# stop using it.
+MAX_MISSES = 50
+# The most gradients the worker takes at once: what a pass may end up waiting for.
+MAX_BATCH = 8
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 # One result: (the gradient read, its _version when read, its 2-norm as a 0-d tensor).
@@ -84,6 +92,7 @@ class NormWorker:
         self._lock = threading.Lock()  # guards _results and _generation
         self._busy = threading.Lock()  # held by the worker while it reduces a batch
         self._generation = 0  # bumped by collect(): later results belong to the next pass
+        self._misses = 0  # passes in a row that found the worker stuck and got nothing
         self.failed = False
         self.handles = [params[i].register_post_accumulate_grad_hook(self._hook(i))  # type: ignore[no-untyped-call]
                         for i in self.positions]
@@ -99,17 +108,16 @@ class NormWorker:
         return hook
 
     def collect(self) -> dict[int, Result]:
-        """The norms the worker took since the last call, once it is done with its batch.
+        """The norms the worker has finished since the last call.
 
-        Gradients still queued (the worker had not started them) are left to the caller,
-        which reduces them itself rather than wait: with no idle core the worker may be
-        slow to start. Returns ``{position: (grad, version, norm)}``; the caller keeps a
+        Gradients still queued (the worker had not started them) are taken back: the caller
+        reduces them itself rather than wait, since with no idle core the worker may be slow
+        to get one. The batch the worker is on is waited for up to ``WAIT_S``, then left to
+        the caller too. Returns ``{position: (grad, version, norm)}``; the caller keeps a
         result only if the parameter's gradient is still ``grad`` at ``version``.
         """
         if self.failed:
             return {}
-        with self._lock:
-            self._generation += 1  # what the worker finishes from now on is dropped
         while True:  # take back what the worker has not started
             try:
                 item = self._queue.get_nowait()
@@ -118,16 +126,19 @@ class NormWorker:
             if item is None:  # closing
                 self._queue.put(None)
                 break
-        if not self._busy.acquire(timeout=JOIN_TIMEOUT_S):  # the batch it is reducing
-            self.failed = True
-            logger.warning("gradsentry: the norm worker thread did not finish a batch in "
-                           "%.0f s; norms are computed on the training thread from now on",
-                           JOIN_TIMEOUT_S)
-            self.close()
-            return {}
-        self._busy.release()
+        finished = self._busy.acquire(timeout=WAIT_S)  # the batch it is reducing
+        if finished:
+            self._busy.release()
         with self._lock:
+            self._generation += 1  # what the worker finishes from now on is dropped
             results, self._results = self._results, {}
+        self._misses = 0 if finished or results else self._misses + 1
+        if self._misses >= MAX_MISSES:
+            self.failed = True
+            logger.warning("gradsentry: the norm worker thread finished nothing in %d backward "
+                           "passes; norms are computed on the training thread from now on",
+                           self._misses)
+            self.close()
         return results
 
     def discard(self) -> None:
@@ -149,11 +160,12 @@ class NormWorker:
             item = get()
             with self._busy:
                 batch = [item]
-                while True:
+                while item is not None and len(batch) < MAX_BATCH:
                     try:
-                        batch.append(get_nowait())
+                        item = get_nowait()
                     except queue.Empty:
                         break
+                    batch.append(item)
                 closing = None in batch
                 self._reduce([t for t in batch if t is not None and t[1] is not None])
             if closing:
