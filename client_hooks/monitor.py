@@ -15,7 +15,9 @@ the last bucket is ready, after A). So A sees this rank's local gradient (kept a
 accumulated, all-reduced, not yet clipped. B reduces all gradients to per-layer norms on the
 device (:mod:`client_hooks.norms`), divided by the AMP loss scale when a ``GradScaler`` is
 declared, and keeps the result as the *stash*; each backward replaces it, so with gradient
-accumulation the stash at ``optimizer.step()`` is the accumulated gradient's.
+accumulation the stash at ``optimizer.step()`` is the accumulated gradient's. (CPU training
+with a core torch leaves idle: most per-tensor norms are taken during the pass by a worker
+thread, :mod:`client_hooks.overlap`; B keeps those whose gradient did not change since.)
 
 The optimizer step pre-hook runs after clipping (and after the scaler's unscale): one more
 batched norm there gives ``clip_coef`` = post-clip total / pre-clip total (with
