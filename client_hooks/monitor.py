@@ -15,7 +15,9 @@ the last bucket is ready, after A). So A sees this rank's local gradient (kept a
 accumulated, all-reduced, not yet clipped. B reduces all gradients to per-layer norms on the
 device (:mod:`client_hooks.norms`), divided by the AMP loss scale when a ``GradScaler`` is
 declared, and keeps the result as the *stash*; each backward replaces it, so with gradient
-accumulation the stash at ``optimizer.step()`` is the accumulated gradient's.
+accumulation the stash at ``optimizer.step()`` is the accumulated gradient's. (CPU training
+with a core torch leaves idle: most per-tensor norms are taken during the pass by a worker
+thread, :mod:`client_hooks.overlap`; B keeps those whose gradient did not change since.)
 
 The optimizer step pre-hook runs after clipping (and after the scaler's unscale): one more
 batched norm there gives ``clip_coef`` = post-clip total / pre-clip total (with
@@ -53,8 +55,8 @@ from typing import Any
 import torch
 from torch.utils.hooks import RemovableHandle
 
+from . import overlap, wire
 from . import spool as spool_mod
-from . import wire
 from .gns import NoiseScale
 from .gns import parse_mode as parse_gns_mode
 from .norms import LayerNorms
@@ -246,6 +248,7 @@ class Monitor:
         self._enabled = enabled
         self._sender: Sender | None = None
         self._noise: NoiseScale | None = None  # noise scale: small-batch norms (gns.py)
+        self._worker: overlap.NormWorker | None = None  # CPU: norms during backward
         if noise_scale is not None:
             parse_gns_mode(noise_scale)  # raises ValueError on an unknown mode
         if dataset_size is not None and (not isinstance(dataset_size, int) or dataset_size < 2):
@@ -290,6 +293,12 @@ class Monitor:
                 handle = param.register_post_accumulate_grad_hook(self._on_grad)  # type: ignore[no-untyped-call]
                 self._param_handles.append(handle)
                 self._handles.append(handle)
+        # CPU training with an idle core: per-tensor norms taken during the backward pass
+        # (client_hooks/overlap.py). Not with several ranks: the all-reduce rewrites the
+        # gradients after their hooks, so the worker's norms would all be discarded.
+        if (self.world_size == 1 and not self._norms.sharding.active
+                and overlap.wanted(self._norms.params)):
+            self._worker = overlap.NormWorker(self._norms.params)
         self._handles.append(optimizer.register_step_pre_hook(self._on_step_pre))
         self._handles.append(optimizer.register_step_post_hook(self._on_step))
         if noise_scale is not None:  # noise scale: self-contained hooks (client_hooks/gns.py)
@@ -357,6 +366,9 @@ class Monitor:
         self._handles.clear()
         self._send_held()
         self._before = None  # a weight copy left by a step that raised
+        if self._worker is not None:
+            self._worker.close()
+            self._worker.discard()
         if self._noise is not None:  # noise scale
             self._noise.close()
         if self._sender is not None:
@@ -448,7 +460,8 @@ class Monitor:
     def _on_reduced(self, scale: torch.Tensor | None) -> None:
         """Callback B: the gradient as the optimizer will see it, before clipping."""
         try:
-            norms = self._norms.compute(scale) if self._norms.params else None
+            ready = self._worker.collect() if self._worker is not None else None
+            norms = self._norms.compute(scale, ready) if self._norms.params else None
             kept = None if scale is None else scale.detach().clone()  # update() changes it
             self._stash = _Measured(norms, self._local, kept, self._micro,
                                     self._norms.signature())

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,8 @@ ROOT_LAYER = "(root)"
 # every step, so the cache is bounded.
 _MAX_PLANS = 16
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+# A norm taken ahead of time: (the gradient read, its _version then, its 2-norm, 0-d).
+Ready = tuple[torch.Tensor, int, torch.Tensor]
 
 
 def layer_name(param_name: str) -> str:
@@ -31,6 +34,8 @@ class _Group:
     norm_dtype: torch.dtype | None
     weights: torch.Tensor | None = None  # per tensor, when sharded: 1 for shards, 1/ranks else
     everything: bool = False  # the group holds every tensor, in order (the common case)
+    # layer_ids into [total, layers, bad] for [squares, squares, flags] (compute's fast path)
+    packed_ids: torch.Tensor = torch.empty(0, dtype=torch.long)
 
 
 class LayerNorms:
@@ -67,22 +72,41 @@ class LayerNorms:
         self.device = _local(self.params[0]).device if self.params else torch.device("cpu")
         self._acc = torch.float32 if self.device.type == "mps" else torch.float64
         self._plans: dict[tuple[torch.dtype | None, ...], list[_Group]] = {}
+        self.reused = 0  # per-tensor norms taken from compute(ready=...) so far
         counts = torch.zeros(len(self.layers), dtype=self._acc)
         for layer in self._layer_of:
             counts[layer] += 1
         self._tensors_per_layer = counts.to(self.device)
 
-    def compute(self, scale: torch.Tensor | None = None) -> torch.Tensor:
+    def compute(self, scale: torch.Tensor | None = None,
+                ready: Mapping[int, Ready] | None = None) -> torch.Tensor:
         """``[total, n_1..n_L, bad_1..bad_L]`` as one float32 tensor on :attr:`device`.
 
         Norms are divided by ``scale`` (an AMP loss scale, a device tensor) when given.
-        Enqueues a handful of kernels per (device, dtype) group; reads nothing back to the host.
+        ``ready``: per-tensor norms taken earlier (:mod:`client_hooks.overlap`), by parameter
+        position: ``(gradient, its _version, norm)``, used only where the parameter's gradient
+        is still that tensor at that version. Enqueues a handful of kernels per (device,
+        dtype) group; reads nothing back to the host.
         """
         n = len(self.layers)
-        sq = torch.zeros(n, dtype=self._acc, device=self.device)
-        bad = torch.zeros(n, dtype=self._acc, device=self.device)
         with torch.no_grad():  # grads require grad under create_graph=True; record nothing
-            groups = self._group_norms()
+            groups = self._group_norms(ready=ready)
+            if len(groups) == 1 and groups[0][0].weights is None and not self.sharding.active:
+                # The common case, in as few small ops as possible: one index_add_ of
+                # [squares, squares, non-finite flags] into [total, layers, bad].
+                group, stacked = groups[0]
+                squares = stacked.square()
+                src = torch.cat([squares, squares, (stacked < math.inf).logical_not_().to(
+                    self._acc)])
+                out = torch.zeros(1 + 2 * n, dtype=self._acc, device=self.device)
+                out.index_add_(0, group.packed_ids, src)
+                head = out[:1 + n]
+                head.sqrt_()
+                if scale is not None:
+                    head.div_(scale.detach().reshape(1).to(self.device, self._acc))
+                return out.to(torch.float32)
+            sq = torch.zeros(n, dtype=self._acc, device=self.device)
+            bad = torch.zeros(n, dtype=self._acc, device=self.device)
             total_sq = torch.zeros(1, dtype=self._acc, device=self.device)
             for group, stacked in groups:
                 squares = self._weigh(group, stacked.square())
@@ -160,6 +184,10 @@ class LayerNorms:
 
     def _total_sq(self, groups: list[tuple[_Group, torch.Tensor]]) -> torch.Tensor:
         sq = torch.zeros(1, dtype=self._acc, device=self.device)
+        if len(groups) == 1 and groups[0][0].weights is None and not self.sharding.active:
+            # The same additions in the same order as compute()'s fast path: bit-equal totals.
+            group, stacked = groups[0]
+            return sq.index_add_(0, group.packed_ids[:len(group.positions)], stacked.square())
         for group, stacked in groups:
             sq = sq + self._weigh(group, stacked.square()).sum()
         return sq
@@ -169,10 +197,12 @@ class LayerNorms:
         return squares if group.weights is None else squares * group.weights
 
     def _group_norms(
-        self, tensors: list[torch.Tensor] | None = None
+        self, tensors: list[torch.Tensor] | None = None,
+        ready: Mapping[int, Ready] | None = None,
     ) -> list[tuple[_Group, torch.Tensor]]:
         """Each group of ``tensors`` (one per parameter, in order; default: the current
-        gradients) with its tensors' norms in the accumulator dtype."""
+        gradients) with its tensors' norms in the accumulator dtype (``ready``: see
+        :meth:`compute`)."""
         grads: list[torch.Tensor | None] = self._grads() if tensors is None else (
             [_local(t) for t in tensors] if self.sharding.active else list(tensors))
         key = tuple(None if g is None else g.dtype for g in grads)
@@ -185,7 +215,11 @@ class LayerNorms:
         out = []
         for group in plan:
             present = grads if group.everything else [grads[i] for i in group.positions]
-            norms = _foreach_norm(present, group.norm_dtype)  # type: ignore[arg-type]
+            if ready:
+                norms, reused = _reuse(present, group, ready)  # type: ignore[arg-type]
+                self.reused += reused
+            else:
+                norms = _foreach_norm(present, group.norm_dtype)  # type: ignore[arg-type]
             out.append((group, torch.stack(norms).to(self.device, self._acc, non_blocking=True)))
         return out
 
@@ -208,9 +242,31 @@ class LayerNorms:
             weights = self.sharding.weights([self.params[i] for i in positions])
             if weights is not None:
                 weights = weights.to(self.device, self._acc)
+            n = len(self.layers)
+            packed = torch.cat([torch.zeros_like(ids), ids + 1, ids + 1 + n])
             plan.append(_Group(tuple(positions), ids, torch.float32 if low else None, weights,
-                               len(positions) == len(grads)))
+                               len(positions) == len(grads), packed))
         return plan
+
+
+def _reuse(present: list[torch.Tensor], group: _Group,
+           ready: Mapping[int, Ready]) -> tuple[list[torch.Tensor], int]:
+    """The group's norms: from ``ready`` where it holds this very gradient at this version,
+    computed here for the rest; and how many came from ``ready``."""
+    norms: list[torch.Tensor | None] = []
+    missing: list[int] = []
+    for j, (i, g) in enumerate(zip(group.positions, present, strict=True)):
+        r = ready.get(i)
+        if r is not None and r[0] is g and g._version == r[1]:
+            norms.append(r[2])
+        else:
+            norms.append(None)
+            missing.append(j)
+    if missing:
+        computed = _foreach_norm([present[j] for j in missing], group.norm_dtype)
+        for j, norm in zip(missing, computed, strict=True):
+            norms[j] = norm
+    return norms, len(present) - len(missing)  # type: ignore[return-value]
 
 
 def _foreach_norm(grads: list[torch.Tensor], dtype: torch.dtype | None) -> list[torch.Tensor]:

@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -112,7 +113,7 @@ def test_disabled_monitor_does_nothing(receiver: Receiver) -> None:
 def test_internal_errors_never_reach_training(receiver: Receiver,
                                               monkeypatch: pytest.MonkeyPatch,
                                               caplog: pytest.LogCaptureFixture) -> None:
-    def broken(self: LayerNorms, scale: torch.Tensor | None = None) -> torch.Tensor:
+    def broken(self: LayerNorms, *args: Any, **kwargs: Any) -> torch.Tensor:
         raise RuntimeError("reduction bug")
 
     monkeypatch.setattr(LayerNorms, "compute", broken)
