@@ -12,6 +12,7 @@ import torch
 
 import client_hooks
 from client_hooks.monitor import Monitor
+from client_hooks.sender import Sender
 from tests.client import models
 from tests.client.receiver import Receiver
 
@@ -56,7 +57,13 @@ def test_unreachable_collector_never_blocks_training(caplog: pytest.LogCaptureFi
     assert mon.log(loss=loss) is None  # closed: a no-op, still no exception
 
 
-def test_full_queue_drops_oldest_and_counts(receiver: Receiver) -> None:
+def test_full_queue_drops_oldest_and_counts(receiver: Receiver,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # On a loaded machine 50 steps can outlast the 10 s HTTP timeout or the 5 s spool delay,
+    # which would move steps to the disk spool instead of the queue this test is about.
+    defaults = {**(Sender.__init__.__kwdefaults__ or {}), "http_timeout": 300.0,
+                "spool_after": 300.0}
+    monkeypatch.setattr(Sender.__init__, "__kwdefaults__", defaults)
     receiver.release_runs.clear()  # the collector hangs: nothing leaves the queue
     model, opt = models.make()
     with client_hooks.watch(model, opt, server=receiver.url, max_queue=10,
