@@ -86,7 +86,7 @@ def _variant(
     def step() -> None:
         tokens = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=gen)
         for chunk in tokens.chunk(k):
-            (_loss(net, chunk, args.vocab) / k).backward()
+            (_loss(net, chunk, args.vocab) / k).backward()  # type: ignore[no-untyped-call]
         opt.step()
         opt.zero_grad()
         mon.log(batch_size=args.batch)
@@ -143,21 +143,32 @@ def _ddp_worker(rank: int, port: int, args: argparse.Namespace, out: str) -> Non
 
 
 def _hook_times(args: argparse.Namespace) -> None:
-    """Time spent inside the noise-scale hooks per step, for each single-process mode."""
+    """Time spent inside the noise-scale hooks per step, for each single-process mode.
+
+    Clock: ``time.thread_time()`` (CPU time of the training thread; with one torch thread
+    every hook and kernel runs on it), so time other processes take from the shared cores is
+    not counted; ``--clock wall`` uses ``perf_counter``. Modes and their baselines run
+    interleaved, ``--steps`` steps each per round with the order rotating, after one warm-up
+    round; per round, added = hook time / (step time - hook time), and the table shows the
+    median over rounds. ``vs baseline`` is the step-time ratio to the same loop without
+    ``noise_scale`` (``base`` or ``base_acc``), median of the round-paired ratios: it also
+    sees costs outside the hooks, and the machine's noise.
+    """
     import functools
 
     from client_hooks import gns, per_example
 
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
     spent = [0.0]
 
     def timed(f: Callable[..., object]) -> Callable[..., object]:
         @functools.wraps(f)
         def inner(*a: object, **k: object) -> object:
-            t0 = time.perf_counter()
+            t0 = clock()
             try:
                 return f(*a, **k)
             finally:
-                spent[0] += time.perf_counter() - t0
+                spent[0] += clock() - t0
 
         return inner
 
@@ -168,21 +179,37 @@ def _hook_times(args: argparse.Namespace) -> None:
             setattr(cls, name, timed(getattr(cls, name)))
     torch.manual_seed(0)
     base = TinyGPT(vocab=args.vocab, dim=args.dim, depth=args.depth, seq=args.seq)
-    print("| mode | hook time per step (ms) | step (ms) | share |\n| --- | --- | --- | --- |")
+    load = os.getloadavg()[0]
+    modes = {"base": (None, 1), "per_example:norm": ("per_example:norm", 1),
+             "per_example": ("per_example", 1), "base_acc": (None, 4), "micro": ("micro", 4)}
+    baseline = {"per_example:norm": "base", "per_example": "base", "micro": "base_acc"}
+    hook: dict[str, list[float]] = {m: [] for m in modes}
+    step_t: dict[str, list[float]] = {m: [] for m in modes}
     with tempfile.TemporaryDirectory() as spool:
-        for mode, k in (("per_example:norm", 1), ("per_example", 1), ("micro", 4)):
-            step = _variant(base, args, spool, mode, k)
-            for _ in range(2):
-                step()
-            spent[0], total = 0.0, 0.0
-            n = args.rounds * args.steps
-            for _ in range(n):
-                t0 = time.perf_counter()
-                step()
-                total += time.perf_counter() - t0
-            print(f"| {mode} | {spent[0] / n * 1e3:.2f} | {total / n * 1e3:.1f} "
-                  f"| {spent[0] / total:.3f} |")
+        steps = {m: _variant(base, args, spool, mode, k) for m, (mode, k) in modes.items()}
+        order = list(modes)
+        for r in range(args.rounds + 1):
+            for m in order[r % len(order):] + order[: r % len(order)]:
+                spent[0], total = 0.0, 0.0
+                for _ in range(args.steps):
+                    t0 = clock()
+                    steps[m]()
+                    total += clock() - t0
+                if r > 0:  # round 0 warms up
+                    hook[m].append(spent[0] / args.steps)
+                    step_t[m].append(total / args.steps)
         _close_all()
+    med = statistics.median
+    print(f"load average {load:.2f} -> {os.getloadavg()[0]:.2f}; TinyGPT dim={args.dim} "
+          f"depth={args.depth} seq={args.seq} batch={args.batch}; {args.rounds} rounds x "
+          f"{args.steps} steps per mode, clock {args.clock}")
+    print("| mode | hook time per step (ms) | step (ms) | added (hook / rest of step) "
+          "| vs baseline (step ratio - 1) |\n| --- | --- | --- | --- | --- |")
+    for m, b in baseline.items():
+        added = [h / (s - h) for h, s in zip(hook[m], step_t[m], strict=True)]
+        paired = [s / sb - 1 for s, sb in zip(step_t[m], step_t[b], strict=True)]
+        print(f"| {m} | {med(hook[m]) * 1e3:.2f} | {med(step_t[m]) * 1e3:.1f} "
+              f"| {med(added) * 100:.2f} % | {med(paired) * 100:+.1f} % |")
 
 
 def main() -> None:
@@ -197,6 +224,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-ddp", action="store_true")
     p.add_argument("--hooks", action="store_true", help="time the hooks instead")
+    p.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
+                   help="--hooks: thread CPU time (default) or wall time")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.hooks:
@@ -225,7 +254,8 @@ def main() -> None:
             out = str(Path(tmp, "ddp.md"))
             with socket_port() as port:
                 pass
-            mp.spawn(_ddp_worker, args=(port, args, out), nprocs=2, join=True)
+            mp.spawn(_ddp_worker, args=(port, args, out), nprocs=2,  # type: ignore[attr-defined,no-untyped-call]
+                     join=True)
             lines += Path(out).read_text().splitlines()[2:]
     print("\n".join(lines))
 
