@@ -51,6 +51,8 @@ KINDS = ("linear", "embedding", "norm")
 
 def _flat3(x: torch.Tensor, last: int) -> torch.Tensor:
     """(N, ..., last) → (N, T, last) in fp32; a 2-D (N, last) input becomes T = 1."""
+    if x.dim() == 3 and x.dtype is _ACC:  # already so: no dispatch (the usual case)
+        return x
     return x.reshape(x.shape[0], -1, last).to(_ACC)
 
 
@@ -191,7 +193,9 @@ def _norm(
         x3 = _flat3(x, d)
         if stats is not None:  # the forward's own mean and 1/σ: x̂ = (x - μ)·rstd
             mean, rstd = stats
-            prod = torch.sub(x3, mean.reshape(n, -1, 1)).mul_(rstd.reshape(n, -1, 1))
+            if mean.dim() != 3:
+                mean, rstd = mean.reshape(n, -1, 1), rstd.reshape(n, -1, 1)
+            prod = torch.sub(x3, mean).mul_(rstd)
         elif rms:
             prod = F.rms_norm(x3, (d,), None, eps)
         else:
