@@ -20,10 +20,13 @@ Method:
   forward+backward+step+log; the table shows the median step time, its ratio to the
   baseline, and the median of round-paired ratios (more robust to drift).
 
-* ``--hooks``: instead, time the noise-scale hooks themselves (``perf_counter`` around every
-  forward/tensor hook and the step/take calls of :mod:`client_hooks.gns` and
-  :mod:`client_hooks.per_example`), per step and as a share of the step: a figure that the
-  machine's load affects far less than a ratio of two noisy step times.
+* ``--hooks``: instead, time the noise-scale hooks themselves (every forward hook, gradient
+  hook and the step/take calls of :mod:`client_hooks.gns` and :mod:`client_hooks.per_example`)
+  on the training thread's CPU clock (``time.thread_time``; ``--clock wall`` for
+  ``perf_counter``), interleaved with the baselines, and print per mode the hook time per
+  step, "added" = hook time / (step time - hook time) (median over rounds), and the step-time
+  ratio to the baseline: a figure that the machine's load affects far less than a ratio of
+  two noisy step times.
 
 Targets (issue 4): micro and ddp ≤ 1.01, per_example ≤ 1.10, per_example:norm ≤ 1.02.
 
@@ -131,6 +134,9 @@ def _ddp_worker(rank: int, port: int, args: argparse.Namespace, out: str) -> Non
         torch.manual_seed(0)
         base = TinyGPT(vocab=args.vocab, dim=args.dim, depth=args.depth, seq=args.seq)
         wrap = torch.nn.parallel.DistributedDataParallel
+        if args.hooks:  # CPU time inside the comm hook (its own work + launching the
+            _ddp_hook_times(base, args, rank, out)  # default all-reduce) per step
+            return
         with tempfile.TemporaryDirectory() as spool:
             variants = {"ddp_base": _variant(base, args, spool, None, 1, wrap),
                         "ddp": _variant(base, args, spool, "ddp", 1, wrap)}
@@ -140,6 +146,56 @@ def _ddp_worker(rank: int, port: int, args: argparse.Namespace, out: str) -> Non
             Path(out).write_text("\n".join(_report(times, {"ddp": "ddp_base"})))
     finally:
         dist.destroy_process_group()
+
+
+def _ddp_hook_times(base: torch.nn.Module, args: argparse.Namespace, rank: int,
+                    out: str) -> None:
+    """``--hooks`` for mode ddp: thread CPU time in ``DDPLocalNorms._hook`` per step. The
+    hook also launches the default all-reduce, which the baseline launches too: an upper
+    bound on what the mode adds."""
+    from client_hooks import gns
+
+    spent = [0.0]
+    hook = gns.DDPLocalNorms._hook
+
+    def timed(self: gns.DDPLocalNorms, group: object, bucket: object) -> object:
+        t0 = time.thread_time()
+        try:
+            return hook(self, group, bucket)
+        finally:
+            spent[0] += time.thread_time() - t0
+
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    inner = [0.0]
+    allreduce = default_hooks.allreduce_hook
+
+    def timed_allreduce(group: object, bucket: object) -> object:
+        t0 = time.thread_time()
+        try:
+            return allreduce(group, bucket)  # type: ignore[arg-type]
+        finally:
+            inner[0] += time.thread_time() - t0
+
+    gns.DDPLocalNorms._hook = timed  # type: ignore[method-assign,assignment]
+    default_hooks.allreduce_hook = timed_allreduce  # type: ignore[assignment]
+    with tempfile.TemporaryDirectory() as spool:
+        step = _variant(base, args, spool, "ddp", 1, torch.nn.parallel.DistributedDataParallel)
+        for _ in range(2):
+            step()
+        spent[0], inner[0], total = 0.0, 0.0, 0.0
+        n = args.rounds * args.steps
+        for _ in range(n):
+            t0 = time.thread_time()
+            step()
+            total += time.thread_time() - t0
+        _close_all()
+    if rank == 0:
+        own = spent[0] - inner[0]  # without the default all-reduce it wraps
+        Path(out).write_text(f"| ddp (2 gloo ranks, rank 0) | {own / n * 1e3:.2f} "
+                             f"| {total / n * 1e3:.1f} | {own / (total - own) * 100:.2f} % "
+                             f"| (comm hook {spent[0] / n * 1e3:.2f} ms/step, of which the "
+                             f"default all-reduce it wraps {inner[0] / n * 1e3:.2f}) |")
 
 
 def _hook_times(args: argparse.Namespace) -> None:
@@ -210,6 +266,14 @@ def _hook_times(args: argparse.Namespace) -> None:
         paired = [s / sb - 1 for s, sb in zip(step_t[m], step_t[b], strict=True)]
         print(f"| {m} | {med(hook[m]) * 1e3:.2f} | {med(step_t[m]) * 1e3:.1f} "
               f"| {med(added) * 100:.2f} % | {med(paired) * 100:+.1f} % |")
+    if not args.no_ddp:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = str(Path(tmp, "ddp.md"))
+            with socket_port() as port:
+                pass
+            mp.spawn(_ddp_worker, args=(port, args, out), nprocs=2,  # type: ignore[attr-defined,no-untyped-call]
+                     join=True)
+            print(Path(out).read_text())
 
 
 def main() -> None:
