@@ -106,6 +106,17 @@ class _Layered:
         return torch.zeros(len(self.measured), dtype=torch.float64, device=self.device)
 
 
+def _sumsq(grad: torch.Tensor) -> torch.Tensor:
+    """|grad|² as a 0-d fp32 tensor: one BLAS dot for a dense fp32 gradient (about twice as
+    fast as ``vector_norm`` on CPU), else the norm upcast to fp32 (half precision), squared."""
+    g = grad.detach() if grad.requires_grad else grad
+    if g.dtype is torch.float32 and g.layout is torch.strided:
+        flat = g.reshape(-1)
+        return torch.dot(flat, flat)
+    norm: torch.Tensor = torch.linalg.vector_norm(g, dtype=torch.float32)
+    return norm.square()
+
+
 class MicroBatchNorms:
     """Squared norms of every micro-batch's gradient, per layer (mode ``"micro"``)."""
 
@@ -113,8 +124,8 @@ class MicroBatchNorms:
         device = params[0].device if params else torch.device("cpu")
         self._layers = _Layered(layer_ids, device)
         self._world = world  # under DDP a micro-batch is local: b = B/(k·R)
-        self._norms: list[torch.Tensor] = []
-        self._which: list[int] = []
+        self._sq: list[torch.Tensor] = []  # 0-d fp32 |raw micro-batch grad|² per hook call
+        self._which: list[int] = []  # the parameter of each
         # Hook calls per parameter this step: k = the most of any parameter. A leaf's tensor
         # hook fires once per backward pass (with the sum over the parameter's uses), also
         # inside a reentrant checkpoint's inner backward, which has a graph task of its own:
@@ -127,19 +138,19 @@ class MicroBatchNorms:
 
     def _on_grad(self, i: int, grad: torch.Tensor) -> None:
         self._calls[i] += 1
-        self._norms.append(torch.linalg.vector_norm(grad.detach(), dtype=torch.float32))
+        self._sq.append(_sumsq(grad))
         self._which.append(i)
 
     def freeze(self, scale: torch.Tensor | None) -> NoiseSample | None:
         """k·Σ_j |raw_j|²/scale² per layer: the mean of |G_j|² over the k micro-batches."""
         k = max(self._calls, default=0)
-        norms, which = self._norms, tuple(self._which)
+        got, which = self._sq, tuple(self._which)
         self.reset()
-        if k < 2 or not norms:
+        if k < 2 or not got:
             return None
         with torch.no_grad():
             sq = self._layers.zeros().index_add_(
-                0, self._layers.ids(which), torch.stack(norms).to(torch.float64).square()
+                0, self._layers.ids(which), torch.stack(got).to(torch.float64)
             )
             sq = sq * float(k)
             if scale is not None:
@@ -147,7 +158,7 @@ class MicroBatchNorms:
         return NoiseSample("micro", self._layers.measured, sq, None, None, k * self._world)
 
     def reset(self) -> None:
-        self._norms, self._which = [], []
+        self._sq, self._which = [], []
         self._calls = [0] * len(self._calls)
 
     def detach(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from client_hooks import per_example
 from client_hooks.per_example import PerExampleNorms, embedding_sq, linear_sq, norm_sq
 
 N, T = 5, 7
@@ -106,3 +107,40 @@ def test_norm_layers_match_loop(rms: bool, shape: tuple[int, ...]) -> None:
     got = norm_sq(x, w_out, (6,), eps, rms, True, not rms)
     assert _rel(got, truth) <= 1e-5
     assert _rel(_hooked(mod, x, w_out).sum(), truth.sum()) <= 1e-5
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_blocked_gram_matches_loop(bias: bool) -> None:
+    """T ≥ 64 with in·out above T(in+out): the Gram pair in two row blocks (each off-diagonal
+    pair once, counted twice), an odd T so the blocks differ in size."""
+    torch.manual_seed(4)
+    n, t, d = 3, 67, 112
+    lin = torch.nn.Linear(d, d, bias=bias)
+    x, w_out = torch.randn(n, t, d), torch.randn(n, t, d)
+    assert per_example._blocks(t) == 2 and t * 2 * d * per_example._gram_share(t) < d * d
+    truth = _loop_truth(lin, x, w_out)
+    assert _rel(linear_sq(x, w_out, bias), truth) <= 1e-5
+    assert _rel(_hooked(lin, x, w_out).sum(), truth.sum()) <= 1e-5
+
+
+def test_layernorm_hook_reads_the_forward_statistics() -> None:
+    """Inside the hook the LayerNorm's own saved mean and 1/σ are used (no recomputation);
+    a gradient hook under another node gets None (and the kernel recomputes x̂)."""
+    torch.manual_seed(5)
+    ln = torch.nn.LayerNorm(6)
+    x = torch.randn(N, T, 6, requires_grad=True)
+    seen: list[object] = []
+    y = ln(x)
+    y.grad_fn.register_prehook(lambda grads: seen.append(per_example._ln_stats(x)))
+    z = y * 2.0
+    z.grad_fn.register_prehook(lambda grads: seen.append(per_example._ln_stats(x)))
+    other = torch.randn(N, T, 6)
+    y.grad_fn.register_prehook(lambda grads: seen.append(per_example._ln_stats(other)))
+    z.sum().backward()
+    assert seen[0] is None  # the multiplication's node
+    stats = seen[1]
+    assert isinstance(stats, tuple)
+    var, mean = torch.var_mean(x.detach(), -1, keepdim=True, correction=0)
+    assert torch.allclose(stats[0], mean, atol=1e-6)
+    assert torch.allclose(stats[1], torch.rsqrt(var + ln.eps), rtol=1e-5)
+    assert seen[2] is None  # not this node's input
