@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, Query, Response
+from fastapi import APIRouter, Body, Path, Query, Response
 
 from server.alerts.schemas import (
     AckIn,
@@ -29,6 +29,9 @@ router = APIRouter(prefix="/api/v1", tags=["alerts"])
 
 StateQ = Annotated[Literal["firing", "resolved", "all"], Query()]
 LimitQ = Annotated[int, Query(ge=1, le=1000)]
+# Alert, silence and receiver ids are 32-bit keys: a larger number names nothing.
+ROW_ID_MAX = 2**31 - 1
+RowId = Annotated[int, Path(ge=1, le=ROW_ID_MAX)]
 
 
 @router.get("/alerts", response_model=AlertList)
@@ -44,14 +47,14 @@ def list_alerts(
 
 
 @router.get("/alerts/{alert_id}", response_model=AlertDetail)
-def get_alert(alert_id: int, session: SessionDep, settings: SettingsDep) -> Response:
+def get_alert(alert_id: RowId, session: SessionDep, settings: SettingsDep) -> Response:
     """One alert with its forensics (K steps before and after)."""
     return WireJSONResponse(alerts.get_alert(session, alert_id, settings))
 
 
 @router.post("/alerts/{alert_id}/ack", response_model=AlertOut)
 def ack_alert(
-    alert_id: int, session: SessionDep, body: Annotated[AckIn | None, Body()] = None
+    alert_id: RowId, session: SessionDep, body: Annotated[AckIn | None, Body()] = None
 ) -> Response:
     """Acknowledge: stops repeat notifications of this alert."""
     return WireJSONResponse(alerts.acknowledge(session, alert_id, body or AckIn()))
@@ -76,7 +79,7 @@ def create_silence(body: SilenceIn, session: SessionDep) -> Response:
 
 
 @router.delete("/silences/{silence_id}", status_code=204)
-def delete_silence(silence_id: int, session: SessionDep) -> Response:
+def delete_silence(silence_id: RowId, session: SessionDep) -> Response:
     alerts.delete_silence(session, silence_id)
     return Response(status_code=204)
 
@@ -122,7 +125,7 @@ def put_receiver(body: ReceiverIn, session: SessionDep) -> Response:
 
 
 @router.delete("/receivers/{receiver_id}", status_code=204)
-def delete_receiver(receiver_id: int, session: SessionDep) -> Response:
+def delete_receiver(receiver_id: RowId, session: SessionDep) -> Response:
     alerts.delete_receiver(session, receiver_id)
     return Response(status_code=204)
 
@@ -130,7 +133,7 @@ def delete_receiver(receiver_id: int, session: SessionDep) -> Response:
 @router.get("/notifications", response_model=NotificationList)
 def list_notifications(
     session: SessionDep,
-    alert: int | None = None,
+    alert: Annotated[int | None, Query(ge=1, le=ROW_ID_MAX)] = None,
     receiver: str | None = None,
     status: Annotated[Literal["pending", "sent", "failed"] | None, Query()] = None,
     limit: LimitQ = 100,
