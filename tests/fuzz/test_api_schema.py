@@ -32,7 +32,7 @@ CHECKS = [
     checks.response_schema_conformance,
     checks.negative_data_rejection,
 ]
-EXAMPLES = {"positive": 20, "negative": 12}
+EXAMPLES = {"positive": 12, "negative": 8}
 
 
 def _operations() -> list[str]:

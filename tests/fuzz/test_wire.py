@@ -161,7 +161,7 @@ def check_api(api: httpx.Client, run_id: str, batch: list[dict[str, Any]]) -> No
             assert same(row, want), (rec["step"], row, want)
 
 
-@settings(max_examples=30, **FUZZ)
+@settings(max_examples=20, **FUZZ)
 @given(data=st.data())
 def test_valid_batches_are_stored_exactly(
     api: httpx.Client, engine: Engine, data: st.DataObject
@@ -195,7 +195,7 @@ def target(api: httpx.Client, engine: Engine) -> tuple[str, int, list[int]]:
     return run_id, run_pk(engine, run_id), [s["step"] for s in steps]
 
 
-@settings(max_examples=80, **FUZZ)
+@settings(max_examples=50, **FUZZ)
 @given(data=st.data())
 def test_bad_batches_are_refused_and_change_nothing(
     api: httpx.Client, engine: Engine, target: tuple[str, int, list[int]], data: st.DataObject

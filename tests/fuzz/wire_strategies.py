@@ -236,7 +236,7 @@ def invalid_batch(draw: st.DrawFn, n_layers: int, stored: list[int]
     elif kind == "too large":
         body_override = b'{"wire_version":1,"steps":[' + b" " * MAX_BODY + b"]}"
     elif kind == "gzip bomb":  # small on the wire, beyond the limit once inflated
-        body_override = b'{"wire_version":1,"steps":[' + b" " * (MAX_BODY * 8) + b"]}"
+        body_override = b'{"wire_version":1,"steps":[' + b" " * (MAX_BODY * 2) + b"]}"
         compress = True
     body = body_override if body_override is not None else wire.dumps(
         {"wire_version": wire.WIRE_VERSION, "steps": steps})
