@@ -9,13 +9,14 @@ from typing import Any
 
 import httpx
 import numpy as np
-from sqlalchemy import create_engine, delete, func, select
+from sqlalchemy import Engine, create_engine, delete, func, select
 from sqlalchemy.orm import Session
 
 from client_hooks.sender import Sender
 from server.models import LayerValues, Run, Scalar, Step
 from server.models_rollups import LayerRollup, SeriesRollup
 from server.services.rollups import rebuild, rebuild_series
+from server.settings import Settings
 
 
 def layer_values(step: int, n_layers: int) -> list[float]:
@@ -61,8 +62,12 @@ def sender(server: str, run_id: str, n_layers: int, **options: Any) -> Sender:
     return Sender(server, run_id, run_spec(run_id, n_layers), **{**opts, **options})
 
 
+def engine_for(database_url: str) -> Engine:
+    return create_engine(Settings(database_url=database_url).database_url)
+
+
 def stored_steps(database_url: str, run_id: str) -> list[int]:
-    engine = create_engine(database_url)
+    engine = engine_for(database_url)
     try:
         with Session(engine) as session:
             pk = session.scalar(select(Run.pk).where(Run.id == run_id))
@@ -81,7 +86,7 @@ def _same(a: np.ndarray, b: np.ndarray) -> bool:
 def check_exactly_once(database_url: str, run_id: str, n_steps: int, n_layers: int) -> None:
     """Steps 0..n_steps-1 stored once each with the values sent; no row of any other step;
     the rollups equal a rebuild from the stored rows."""
-    engine = create_engine(database_url)
+    engine = engine_for(database_url)
     try:
         with Session(engine) as session:
             pk = session.scalar(select(Run.pk).where(Run.id == run_id))

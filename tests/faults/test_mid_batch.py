@@ -64,6 +64,8 @@ def test_collector_sigkilled_mid_batch() -> None:
             assert len(stored) in (acknowledged, acknowledged + BATCH), (
                 len(stored), acknowledged, seen)
             assert len(stored) % BATCH == 0, f"half a batch stored: {len(stored)} steps"
+            # ... and in every table: values, layer vectors, scalars, rollups all agree.
+            streams.check_exactly_once(url, run_id, len(stored), N_LAYERS)
 
             collector.start()  # same port, same database; the client retries on its own
             assert client.flush(timeout=180), client.stats
