@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -20,7 +19,7 @@ from server.alerts.metrics import alert_gauges
 from server.alerts.worker import AlertWorker
 from server.api import alerts, health, ingest, pages, runs
 from server.api import noise as noise_api
-from server.api.responses import document_wire_floats
+from server.api.openapi import install_openapi
 from server.db import make_engine
 from server.metrics import (
     DatabaseCollector,
@@ -87,7 +86,7 @@ def create_app(
     app.state.db_metrics.add_source(noise_gauges)
     registry.register(app.state.db_metrics)
     _install_error_handlers(app)
-    _install_openapi(app)
+    install_openapi(app)
     app.include_router(ingest.router)
     app.include_router(runs.router)
     app.include_router(alerts.router)
@@ -96,18 +95,6 @@ def create_app(
     install_metrics_route(app, registry)
     app.include_router(pages.router)
     return app
-
-
-def _install_openapi(app: FastAPI) -> None:
-    """The generated spec, with floats documented as the wire writes them (NaN as "NaN")."""
-    generate = app.openapi
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            app.openapi_schema = document_wire_floats(generate())
-        return app.openapi_schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _start_alert_worker(app: FastAPI, settings: Settings) -> AlertWorker | None:
