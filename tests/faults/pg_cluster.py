@@ -93,7 +93,11 @@ def private_cluster() -> Iterator[PrivateCluster]:
     try:
         (base / "sockets").mkdir()
         if os.geteuid() == 0:
-            pg = pwd.getpwnam("postgres")
+            try:
+                pg = pwd.getpwnam("postgres")
+            except KeyError:
+                pytest.fail("as root, the private PostgreSQL runs as the 'postgres' OS user, "
+                            "which does not exist here")
             for path in (base, base / "sockets"):
                 os.chown(path, pg.pw_uid, pg.pw_gid)
         cluster = PrivateCluster(base, free_port())

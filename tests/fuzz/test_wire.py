@@ -31,6 +31,7 @@ from tests.factories import create_run, make_steps, post_steps
 from tests.fuzz.conftest import AUTH_HEADERS, FuzzCollector
 from tests.fuzz.wire_strategies import (
     LAYER_NAMES,
+    WRONG,
     encode,
     expected_rows,
     invalid_batch,
@@ -208,3 +209,19 @@ def test_bad_batches_are_refused_and_change_nothing(
     answer = resp.json()
     assert answer["error"] and answer["detail"], (kind, answer)
     assert snapshot(engine, pk) == before, kind
+
+
+def test_every_wrong_value_is_refused(
+    api: httpx.Client, engine: Engine, target: tuple[str, int, list[int]]
+) -> None:
+    """Each junk value of WRONG, in every field it is listed for (not left to chance)."""
+    run_id, pk, steps = target
+    before = snapshot(engine, pk)
+    for field, values in WRONG.items():
+        for value in values:
+            rec = {**make_steps(steps[-1], steps[-1] + 1)[0], field: value}
+            body, headers = encode([make_steps(1000, 1001)[0], rec], compress=False)
+            resp = api.post(f"/api/v1/runs/{run_id}/steps", content=body, headers=headers)
+            assert resp.status_code == 422, (field, value, resp.status_code, resp.text)
+            assert field in resp.json()["detail"], (field, value, resp.json())
+    assert snapshot(engine, pk) == before
