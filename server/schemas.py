@@ -20,6 +20,10 @@ ProjectName = Annotated[
     str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 ]
 ScalarName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_.:/-]{0,127}$")]
+# A window's series X is stored as X:max ... X:nonfinite, names of at most 128 characters.
+WindowSeriesName = Annotated[
+    str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_.:/-]{0,117}$")
+]
 
 
 def _utc(value: datetime) -> datetime:
@@ -89,9 +93,9 @@ class WindowLayerStats(Strict):
 class WindowIn(Strict):
     """The steps a record stands for when the client logs every N steps (``log_every``)."""
 
-    steps: Annotated[int, Field(strict=True, ge=1)]
+    steps: Annotated[int, Field(strict=True, ge=1, le=INT64_MAX)]
     first_step: StepNo
-    series: dict[ScalarName, WindowStats] = Field(default_factory=dict)
+    series: dict[WindowSeriesName, WindowStats] = Field(default_factory=dict)
     layers: dict[Literal["grad_norm"], WindowLayerStats] = Field(default_factory=dict)
 
 

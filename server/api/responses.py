@@ -19,4 +19,3 @@ class WireJSONResponse(JSONResponse):
         if isinstance(content, list) and content and isinstance(content[0], BaseModel):
             return b"[" + b",".join(m.model_dump_json().encode() for m in content) + b"]"
         return dumps(content)
-

@@ -62,6 +62,24 @@ def test_step_counts_beyond_their_columns(api: httpx.Client, field: str, value: 
     assert api.get(f"/api/v1/runs/{run_id}").json()["num_steps"] == 5  # nothing of it stored
 
 
+@pytest.mark.parametrize(
+    ("window", "where"),
+    [({"steps": 2, "first_step": 0, "series": {"x" * 120: {"count": 1, "nonfinite": 0}}},
+      "window.series"),
+     ({"steps": 2**70, "first_step": 0}, "window.steps")],
+)
+def test_window_beyond_its_columns(api: httpx.Client, window: dict[str, Any], where: str) -> None:
+    """A window series X becomes X:nonfinite (128 characters at most); window steps are a
+    double: on SQLite these were 500s, on Postgres database errors."""
+    run_id = create_run(api)
+    steps = make_steps(0, 2)
+    steps[1]["window"] = window
+    resp = post_steps(api, run_id, steps)
+    assert resp.status_code == 422, resp.text
+    assert where in resp.json()["detail"]
+    assert api.get(f"/api/v1/runs/{run_id}").json()["num_steps"] in (None, 0)  # nothing stored
+
+
 def _scalar(api: httpx.Client, run_id: str, name: str) -> Any:
     got = api.get(f"/api/v1/runs/{run_id}/series", params={"names": name})
     assert got.status_code == 200, got.text
