@@ -4,6 +4,8 @@ every step exactly once, with its values, and the rollups agree with the stored 
 
 from __future__ import annotations
 
+import time
+
 import psycopg
 
 from tests.conftest import fresh_pg_database, new_run_id
@@ -51,7 +53,11 @@ def test_collector_sigkilled_mid_batch() -> None:
                     seen.append(row[0][:80])
                 return row is not None
 
-            wait_for(writing, timeout=120)
+            deadline = time.monotonic() + 120
+            while not writing():  # polled closely: a batch's transaction may take only ~0.1 s
+                assert time.monotonic() < deadline, "no batch write seen in 120 s"
+                assert client.stats["sent"] < N_STEPS, "every batch landed before a kill"
+                time.sleep(0.002)
             collector.kill()
             acknowledged = client.stats["sent"]
             assert BATCH <= acknowledged < N_STEPS, (acknowledged, seen)
