@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse
 from prometheus_client import CollectorRegistry
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import sessionmaker
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -19,6 +20,7 @@ from server.alerts.metrics import alert_gauges
 from server.alerts.worker import AlertWorker
 from server.api import alerts, health, ingest, login, pages, runs, tokens
 from server.api import noise as noise_api
+from server.api.openapi import install_openapi
 from server.auth.deps import LoginRequired, MetricsReader
 from server.body_limit import BodyLimit
 from server.db import make_engine
@@ -28,10 +30,27 @@ from server.metrics import (
     install_http_metrics,
     install_metrics_route,
 )
+from server.schemas import ErrorOut
 from server.services.noise import noise_gauges
 from server.settings import Settings
 
 log = logging.getLogger("gradsentry.server")
+
+# The database cannot be reached (down, restarting, connection cut, pool exhausted, SQLite
+# busy): the request may succeed later, so it is a 503 with Retry-After, not a 500. Clients
+# retry 5xx (client_hooks.sender); an ingest transaction that failed this way stored nothing.
+DATABASE_UNAVAILABLE = (
+    sa_exc.OperationalError,
+    sa_exc.InterfaceError,
+    sa_exc.DisconnectionError,
+    sa_exc.TimeoutError,
+)
+RETRY_AFTER_S = 1
+# Documented on every operation: what error answers look like.
+ERROR_RESPONSES: dict[int | str, dict[str, object]] = {
+    "4XX": {"model": ErrorOut, "description": "Rejected request: what is wrong, in words"},
+    503: {"model": ErrorOut, "description": "Database unreachable; retry after Retry-After s"},
+}
 
 
 def create_app(
@@ -55,6 +74,7 @@ def create_app(
         version=__version__,
         description="Gradient-norm telemetry for PyTorch training.",
         lifespan=lifespan,
+        responses=ERROR_RESPONSES,
     )
     app.state.settings = settings
     app.state.engine = engine
@@ -74,6 +94,7 @@ def create_app(
     app.state.db_metrics.add_source(noise_gauges)
     registry.register(app.state.db_metrics)
     _install_error_handlers(app)
+    install_openapi(app)
     app.include_router(ingest.router)
     app.include_router(runs.router)
     app.include_router(alerts.router)
@@ -137,6 +158,27 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def http_error(_req: Request, exc: StarletteHTTPException) -> JSONResponse:
         name = {404: "NotFound", 405: "MethodNotAllowed"}.get(exc.status_code, "HTTPError")
         return _error(app, exc.status_code, name, exc.detail)
+
+    async def database_unavailable(_req: Request, exc: Exception) -> JSONResponse:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        log.warning("database unavailable: %s: %s", type(exc).__name__, first_line)
+        return JSONResponse(
+            {"error": "DatabaseUnavailable",
+             "detail": f"the database cannot be reached ({type(exc).__name__}); retry later"},
+            status_code=503,
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
+
+    for exc_class in DATABASE_UNAVAILABLE:
+        app.add_exception_handler(exc_class, database_unavailable)
+
+    @app.exception_handler(sa_exc.DataError)
+    async def data_refused(_req: Request, exc: sa_exc.DataError) -> JSONResponse:
+        # A value the API let through but the database cannot hold (out of range, NUL
+        # in text): bad input all the same. The transaction is rolled back, nothing stored.
+        reason = str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else "?"
+        log.warning("database refused a value: %s", reason)
+        return _error(app, 422, "InvalidInput", f"the database refused a value: {reason}")
 
     @app.exception_handler(Exception)
     async def unexpected(_req: Request, exc: Exception) -> JSONResponse:

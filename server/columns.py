@@ -43,6 +43,16 @@ class Float64(TypeDecorator[float]):
         return float(value)
 
 
+def to_float32(values: Any) -> np.ndarray:
+    """``values`` as a little-endian float32 vector, the storage of per-layer values.
+
+    A double beyond float32's range becomes ±Inf, as the cast makes it (without numpy's
+    overflow warning): a layer value that large is stored as overflowed.
+    """
+    with np.errstate(over="ignore"):
+        return np.asarray(values, dtype=np.float64).astype("<f4")
+
+
 class Float32Array(TypeDecorator[np.ndarray]):
     """A vector of float32 stored as little-endian bytes (bytea / BLOB).
 
@@ -57,7 +67,7 @@ class Float32Array(TypeDecorator[np.ndarray]):
     def process_bind_param(self, value: Any, dialect: Dialect) -> bytes | None:
         if value is None or isinstance(value, bytes):
             return value
-        return np.asarray(value, dtype="<f4").tobytes()
+        return to_float32(value).tobytes()
 
     def process_result_value(self, value: Any, dialect: Dialect) -> np.ndarray | None:
         if value is None:

@@ -20,6 +20,10 @@ ProjectName = Annotated[
     str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 ]
 ScalarName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_.:/-]{0,127}$")]
+# A window's series X is stored as X:max ... X:nonfinite, names of at most 128 characters.
+WindowSeriesName = Annotated[
+    str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_.:/-]{0,117}$")
+]
 
 
 def _utc(value: datetime) -> datetime:
@@ -28,8 +32,14 @@ def _utc(value: datetime) -> datetime:
 
 
 UTCDateTime = Annotated[datetime, AfterValidator(_utc)]
-Count = Annotated[int, Field(strict=True, ge=0)]
-StepNo = Annotated[int, Field(strict=True, ge=0, le=2**62)]
+# Integers are bounded by the columns that hold them (BIGINT, INTEGER): a larger number is
+# a 422 naming the bound, not a database error.
+INT64_MAX = 2**63 - 1
+INT32_MAX = 2**31 - 1
+Count = Annotated[int, Field(strict=True, ge=0, le=INT64_MAX)]
+SmallCount = Annotated[int, Field(strict=True, ge=0, le=INT32_MAX)]
+STEP_MAX = 2**62  # steps (and step-range bounds) fit a signed 64-bit column with room
+StepNo = Annotated[int, Field(strict=True, ge=0, le=STEP_MAX)]
 # lrs[i] is stored as the scalar series "lr/group{i}"; this keeps the name in ScalarName.
 MAX_PARAM_GROUPS = 1024
 
@@ -54,8 +64,8 @@ class RunCreate(Strict):
     tags: list[Annotated[str, StringConstraints(max_length=128)]] = Field(
         default_factory=list, max_length=64
     )
-    batch_size: Annotated[int, Field(strict=True, ge=1)] | None = None
-    world_size: Annotated[int, Field(strict=True, ge=1)] = 1
+    batch_size: Annotated[int, Field(strict=True, ge=1, le=INT32_MAX)] | None = None
+    world_size: Annotated[int, Field(strict=True, ge=1, le=INT32_MAX)] = 1
     layers: list[Annotated[str, StringConstraints(max_length=512)]] = Field(default_factory=list)
     semantics: dict[str, Any] = Field(default_factory=dict)
 
@@ -83,9 +93,9 @@ class WindowLayerStats(Strict):
 class WindowIn(Strict):
     """The steps a record stands for when the client logs every N steps (``log_every``)."""
 
-    steps: Annotated[int, Field(strict=True, ge=1)]
+    steps: Annotated[int, Field(strict=True, ge=1, le=INT64_MAX)]
     first_step: StepNo
-    series: dict[ScalarName, WindowStats] = Field(default_factory=dict)
+    series: dict[WindowSeriesName, WindowStats] = Field(default_factory=dict)
     layers: dict[Literal["grad_norm"], WindowLayerStats] = Field(default_factory=dict)
 
 
@@ -112,14 +122,14 @@ class StepIn(Strict):
     batch_size: Count | None = None
     samples: Count | None = None
     tokens: Count | None = None
-    nonfinite: Count | None = None
+    nonfinite: SmallCount | None = None
     layer_grad_norms: list[float] | None = None
     layer_nonfinite: list[Count] | None = None
     clip_coef: float | None = None
     loss_scale: float | None = None
     local_grad_norm: float | None = None
     overflow: Annotated[bool, Field(strict=True)] | None = None
-    micro_batches: Count | None = None
+    micro_batches: SmallCount | None = None
     layer_param_norms: list[float] | None = None
     layer_update_norms: list[float] | None = None
     gns: GnsIn | None = None  # noise scale
@@ -131,6 +141,13 @@ class StepIn(Strict):
 class StepBatch(Strict):
     wire_version: Literal[WIRE_VERSION]  # type: ignore[valid-type]
     steps: list[StepIn]
+
+
+class ErrorOut(Out):
+    """Every error answer (4xx, and 503 while the database is unreachable)."""
+
+    error: str = Field(description="the error's name, e.g. InvalidBatch, RunNotFound")
+    detail: Any = Field(description="what is wrong, in words")
 
 
 class IngestResult(Out):

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, Field, StringConstraints, model_validator
 
 from server.analysis.rules import RULE_NAMES
-from server.schemas import Out, ProjectName, Strict, UTCDateTime
+from server.schemas import Out, ProjectName, StepNo, Strict, UTCDateTime
 
 Severity = Literal["warning", "critical"]
 Who = Annotated[str, StringConstraints(max_length=128)]
@@ -64,8 +64,8 @@ class SilenceIn(Strict):
     rule: str | None = None
     starts_at: UTCDateTime | None = None
     ends_at: UTCDateTime | None = None
-    step_from: Annotated[int, Field(strict=True, ge=0)] | None = None
-    step_to: Annotated[int, Field(strict=True, ge=0)] | None = None
+    step_from: StepNo | None = None
+    step_to: StepNo | None = None
     comment: Annotated[str, StringConstraints(max_length=4000)] = ""
     created_by: Who | None = None
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, Query, Response
+from fastapi import APIRouter, Body, Path, Query, Response
 
 from server.alerts.schemas import (
     AckIn,
@@ -31,6 +31,9 @@ router = APIRouter(prefix="/api/v1", tags=["alerts"])
 
 StateQ = Annotated[Literal["firing", "resolved", "all"], Query()]
 LimitQ = Annotated[int, Query(ge=1, le=1000)]
+# Alert, silence and receiver ids are 32-bit keys: a larger number names nothing.
+ROW_ID_MAX = 2**31 - 1
+RowId = Annotated[int, Path(ge=1, le=ROW_ID_MAX)]
 
 
 @router.get("/alerts", response_model=AlertList)
@@ -49,7 +52,7 @@ def list_alerts(
 
 @router.get("/alerts/{alert_id}", response_model=AlertDetail)
 def get_alert(
-    alert_id: int, principal: Read, session: SessionDep, settings: SettingsDep
+    alert_id: RowId, principal: Read, session: SessionDep, settings: SettingsDep
 ) -> Response:
     """One alert with its forensics (K steps before and after)."""
     check_owner(principal, ownership.alert_project(session, alert_id), f"alert {alert_id}")
@@ -58,7 +61,7 @@ def get_alert(
 
 @router.post("/alerts/{alert_id}/ack", response_model=AlertOut)
 def ack_alert(
-    alert_id: int,
+    alert_id: RowId,
     principal: Read,
     session: SessionDep,
     body: Annotated[AckIn | None, Body()] = None,
@@ -92,7 +95,7 @@ def create_silence(principal: Read, body: SilenceIn, session: SessionDep) -> Res
 
 
 @router.delete("/silences/{silence_id}", status_code=204)
-def delete_silence(silence_id: int, principal: Read, session: SessionDep) -> Response:
+def delete_silence(silence_id: RowId, principal: Read, session: SessionDep) -> Response:
     check_owner(principal, ownership.silence_project(session, silence_id),
                 f"silence {silence_id}")
     alerts.delete_silence(session, silence_id)
@@ -153,7 +156,7 @@ def put_receiver(principal: Admin, body: ReceiverIn, session: SessionDep) -> Res
 
 
 @router.delete("/receivers/{receiver_id}", status_code=204)
-def delete_receiver(receiver_id: int, principal: Admin, session: SessionDep) -> Response:
+def delete_receiver(receiver_id: RowId, principal: Admin, session: SessionDep) -> Response:
     check_owner(principal, ownership.receiver_project(session, receiver_id),
                 f"receiver {receiver_id}")
     alerts.delete_receiver(session, receiver_id)
@@ -164,7 +167,7 @@ def delete_receiver(receiver_id: int, principal: Admin, session: SessionDep) -> 
 def list_notifications(
     principal: Read,
     session: SessionDep,
-    alert: int | None = None,
+    alert: Annotated[int | None, Query(ge=1, le=ROW_ID_MAX)] = None,
     receiver: str | None = None,
     status: Annotated[Literal["pending", "sent", "failed"] | None, Query()] = None,
     limit: LimitQ = 100,

@@ -9,12 +9,14 @@ from fastapi import APIRouter, Query, Response
 from server.api.responses import WireJSONResponse
 from server.auth.deps import Read, ReadRun
 from server.db import SessionDep, SettingsDep
-from server.schemas import LayersResponse, ProjectOut, RunOut, SeriesResponse
+from server.schemas import STEP_MAX, LayersResponse, ProjectOut, RunOut, SeriesResponse
 from server.services import runs, series
 
 router = APIRouter(prefix="/api/v1", tags=["read"])
 
-StepQ = Annotated[int | None, Query(ge=0, description="first/last step (inclusive)")]
+StepQ = Annotated[
+    int | None, Query(ge=0, le=STEP_MAX, description="first/last step (inclusive)")
+]
 PointsQ = Annotated[int | None, Query(ge=1, description="at most this many buckets")]
 
 
@@ -37,7 +39,7 @@ def list_runs(
     session: SessionDep,
     project: str | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=STEP_MAX)] = 0,
 ) -> Response:
     project = principal.project_filter(project)
     return WireJSONResponse(runs.list_runs(session, project, limit, offset))

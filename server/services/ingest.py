@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 
 from server import errors
 from server.analysis.ratios import update_ratio
+from server.columns import to_float32
 from server.models import STEP_SERIES, WINDOW_STATS, WINDOW_STEPS, LayerValues, Scalar, Step, utcnow
 from server.schemas import IngestResult, StepBatch, StepIn
 from server.services import bulk, rollups
@@ -55,7 +56,7 @@ def window_rows(run_pk: int, s: StepIn) -> tuple[list[dict[str, Any]], list[dict
                 )
     layers = [
         {"run_pk": run_pk, "metric": f"{metric}:{stat}", "step": s.step,
-         "values": np.asarray(getattr(st, stat), dtype="<f4")}
+         "values": to_float32(getattr(st, stat))}
         for metric, st in w.layers.items()
         for stat in WINDOW_STATS
     ]
@@ -145,7 +146,7 @@ def ingest_steps(
         for field, metric in LAYER_FIELDS.items():
             values = getattr(s, field)
             if values is not None:
-                vectors[metric] = np.asarray(values, dtype="<f4")
+                vectors[metric] = to_float32(values)
         if s.layer_param_norms is not None and s.layer_update_norms is not None:
             vectors["update_ratio"] = update_ratio(s.layer_update_norms, s.layer_param_norms)
         layer_rows.extend(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,7 @@ from sqlalchemy.orm import Session
 
 from server import errors
 from server.analysis import cbs, gns
+from server.columns import to_float32
 from server.metrics import ActiveRun, Sample, run_labels
 from server.models import LayerValues, Run, Scalar
 from server.schemas import GnsIn, StepIn
@@ -55,17 +57,28 @@ def check_gns(step: StepIn, i: int, n_layers: int) -> None:
         )
 
 
+def total(values: Sequence[float]) -> float:
+    """The correctly rounded sum of ``values``; ±Inf when it overflows or holds an infinity,
+    NaN when it holds a NaN or both +Inf and -Inf (the values are data: no error)."""
+    try:
+        return math.fsum(values)
+    except ValueError:  # +Inf and -Inf
+        return math.nan
+    except OverflowError:  # finite values whose sum is beyond a double
+        return math.inf if sum(map(Fraction, values)) > 0 else -math.inf
+
+
 def gns_rows(g: GnsIn, n_layers: int) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """The scalar values and layer vectors one step's ``gns`` field is stored as."""
     small = np.full(n_layers, np.nan, dtype="<f4")
     big = np.full(n_layers, np.nan, dtype="<f4")
-    small[g.layers] = g.small_sq
-    big[g.layers] = g.big_sq
+    small[g.layers] = to_float32(g.small_sq)
+    big[g.layers] = to_float32(g.big_sq)
     scalars = {
         "gns/b_small": g.b_small,
         "gns/b_big": g.b_big,
-        "gns/small_sq": math.fsum(g.small_sq),
-        "gns/big_sq": math.fsum(g.big_sq),
+        "gns/small_sq": total(g.small_sq),
+        "gns/big_sq": total(g.big_sq),
     }
     return scalars, {"gns_small_sq": small, "gns_big_sq": big}
 

@@ -38,17 +38,19 @@ class CollectorProcess:
         cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(self.port),
                "--database-url", self.database_url, "--log-level", "warning"]
         self.proc = subprocess.Popen(cmd, cwd=repo_root(), stdout=subprocess.DEVNULL)
-        deadline = time.monotonic() + 30
+        # Generous: on a small shared machine under load, importing and migrating alone has
+        # taken more than 30 s.
+        deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"collector exited with code {self.proc.returncode}")
             try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                if httpx.get(f"{self.url}/healthz", timeout=5).status_code == 200:
                     return
             except httpx.TransportError:
                 pass
             time.sleep(0.05)
-        raise RuntimeError("collector did not answer within 30 s")
+        raise RuntimeError("collector did not answer within 90 s")
 
     def kill(self) -> None:
         """SIGKILL: no graceful shutdown, connections cut mid-request."""
