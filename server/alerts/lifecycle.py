@@ -59,14 +59,44 @@ def lock_state(session: Session, run_pk: int, skip_locked: bool = False) -> Aler
     return session.scalars(query).one_or_none()
 
 
+def lock_state_for_ingest(
+    session: Session, run: Run, settings: Settings
+) -> tuple[AlertState, str, Rules]:
+    """:func:`lock_state` for ingest, with the project's name and the rules in force read
+    in the same statement: one round trip where the state row exists (every ingest of a run
+    but its first)."""
+    pid = run.project_id
+    query = (
+        select(
+            AlertState,
+            select(Project.name).where(Project.id == pid).scalar_subquery(),
+            select(ProjectRules.rules).where(ProjectRules.project_id == pid).scalar_subquery(),
+        )
+        .where(AlertState.run_pk == run.pk)
+        .with_for_update(of=AlertState)
+        .execution_options(populate_existing=True)
+    )
+    row = session.execute(query).one_or_none()
+    if row is None:
+        lock_state(session, run.pk)  # create it (or wait for its creator), then read again
+        row = session.execute(query).one()
+    state, project, overrides = row
+    assert project is not None  # foreign key
+    return state, project, _merged_rules(settings, project, overrides or {})
+
+
+def _merged_rules(settings: Settings, project: str, overrides: Rules) -> Rules:
+    config = load_config(settings.alert_rules_file)
+    return merge(config.rules, config.projects.get(project, {}), overrides)
+
+
 def effective_rules(
     session: Session, project_id: int, project: str, settings: Settings
 ) -> tuple[Rules, Rules]:
     """(rules in force for the project, the project's REST overrides)."""
-    config = load_config(settings.alert_rules_file)
     row = session.get(ProjectRules, project_id)
     overrides: Rules = dict(row.rules) if row is not None else {}
-    return merge(config.rules, config.projects.get(project, {}), overrides), overrides
+    return _merged_rules(settings, project, overrides), overrides
 
 
 def alert_out(alert: Alert, project: str, run_id: str) -> AlertOut:

@@ -18,6 +18,7 @@ from server.alerts.lifecycle import (
     alert_out,
     effective_rules,
     lock_state,
+    lock_state_for_ingest,
     project_name,
 )
 from server.alerts.schemas import (
@@ -77,10 +78,7 @@ def analyze_ingested(
     of them fail, the batch is stored anyway, its steps are left unanalysed and the error
     is logged, rather than the client's data being refused.
     """
-    state = lock_state(session, run.pk)
-    assert state is not None
-    project = project_name(session, run.project_id)
-    rules, _ = effective_rules(session, run.project_id, project, settings)
+    state, project, rules = lock_state_for_ingest(session, run, settings)
     saved = state.state or {}
     analysis = RunAnalysis.from_json(saved.get("analysis"), len(run.layers), rules)
     fresh = sorted((s for s in steps if s.step > analysis.last_step), key=lambda s: s.step)

@@ -5,10 +5,11 @@ already is overwritten, never duplicated.
 
 On Postgres, rows the caller knows to be new (ingest checks, under the run's lock, that no
 step of the batch is stored: the normal case of a run appending) are COPYed straight into
-the table. Otherwise (a retried or replayed batch) they are COPYed into a temporary staging
-table and merged with one ``INSERT ... SELECT ... ON CONFLICT DO UPDATE``. Should a "new"
-key exist after all, the COPY fails on the unique index and the transaction with it: an
-error, never a duplicate.
+the table; a few such rows go in as one ``INSERT ... SELECT FROM unnest(arrays)`` (one
+round trip, a COPY takes two). Otherwise (a retried or replayed batch) they are COPYed
+into a temporary staging table and merged with one ``INSERT ... SELECT ... ON CONFLICT DO
+UPDATE``. Should a "new" key exist after all, the COPY or INSERT fails on the unique index
+and the transaction with it: an error, never a duplicate.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from sqlalchemy.dialects import sqlite
 from sqlalchemy.orm import Session
 
 from server.columns import Float32Array, Float64
+
+# New rows up to this many go in as one INSERT of column arrays; more are COPYed.
+ARRAY_INSERT_ROWS = 64
 
 
 def _pg_type(column: Any) -> str:
@@ -82,10 +86,35 @@ def _copy(cur: psycopg.Cursor[Any], target: sql.Composable, table: Table,
             copy.write_row(row)
 
 
+_CASTS: dict[str, Any] = {"int8": int, "int4": int, "bool": bool, "text": str,
+                          "float8": float, "bytea": bytes}
+
+
+def _insert_arrays(cur: psycopg.Cursor[Any], table: Table,
+                   rows: Sequence[tuple[Any, ...]]) -> None:
+    """``INSERT ... SELECT FROM unnest(one array per column)``: one round trip, where a COPY
+    takes two (the server's go-ahead, then the data), which is what small batches pay for."""
+    cols = sql.SQL(", ").join(sql.Identifier(c.name) for c in table.columns)
+    arrays = sql.SQL(", ").join(
+        sql.SQL("%s::{}[]").format(sql.SQL(_pg_type(c))) for c in table.columns
+    )
+    query = sql.SQL("INSERT INTO {} ({}) SELECT * FROM unnest({})").format(
+        sql.Identifier(table.name), cols, arrays
+    )
+    casts = [_CASTS[_pg_type(c)] for c in table.columns]
+    cur.execute(query, [
+        [None if v is None else cast(v) for v in column]  # one Python type per array
+        for cast, column in zip(casts, zip(*rows, strict=True), strict=True)
+    ])
+
+
 def _pg_upsert(conn: psycopg.Connection[Any], table: Table,
                rows: Sequence[tuple[Any, ...]], new: bool) -> None:
     name = sql.Identifier(table.name)
     with conn.cursor() as cur:
+        if new and len(rows) <= ARRAY_INSERT_ROWS:
+            _insert_arrays(cur, table, rows)
+            return
         if new:
             _copy(cur, name, table, rows)
             return

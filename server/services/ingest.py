@@ -176,7 +176,10 @@ def ingest_steps(
                               for k, v in gns_layers.items())
     # Every stored layer vector and scalar has its step's row: when no step of the batch is
     # stored, no key of any table is (a run appending), and the rows go in as they are.
-    new = session.scalar(
+    # Every stored step is at or before run.last_step (set under this lock by every ingest),
+    # so a batch that starts after it needs no look-up.
+    first = min(s.step for s in steps)
+    new = (run.last_step is None or first > run.last_step) or session.scalar(
         select(Step.step).where(Step.run_pk == run.pk, _among([s.step for s in steps], session))
         .limit(1)
     ) is None
@@ -198,7 +201,7 @@ def ingest_steps(
         analyze_ingested(session, run, steps, settings)
     session.commit()
     return IngestResult(
-        run=run_id, accepted=len(steps), first_step=min(s.step for s in steps), last_step=last
+        run=run_id, accepted=len(steps), first_step=first, last_step=last
     )
 
 

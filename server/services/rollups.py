@@ -486,13 +486,19 @@ def merge_layers(
                  "vmin": p.vmin[i], "vmax": p.vmax[i], "nonfinite": p.nonfinite[i]}
                 for i, b in enumerate(ids.tolist())
             )
-    _upsert_blocks(session, t.__table__, out, ("run_pk", "metric", "level", "block"))
+    if session.get_bind().dialect.name == "postgresql":
+        _upsert_layer_blocks_pg(session, run_pk, out)
+    else:
+        _upsert_blocks(session, t.__table__, out, ("run_pk", "metric", "level", "block"))
 
 
 def merge_series(session: Session, run_pk: int, step_rows: Sequence[dict[str, Any]]) -> None:
     """Fold ``step_rows`` (none of which was stored before) into ``series_rollups``."""
     fresh = _fresh_series(step_rows)
     if not fresh:
+        return
+    if session.get_bind().dialect.name == "postgresql":
+        _merge_series_pg(session, run_pk, fresh)
         return
     lo, hi = min(int(r["step"]) for r in step_rows), max(int(r["step"]) for r in step_rows)
     t = SeriesRollup
@@ -559,3 +565,70 @@ def _fresh_series(step_rows: Sequence[dict[str, Any]]) -> Keyed:
             vals = np.fromiter((float(v) for _, v in mine), np.float64, len(mine))
             fresh[name] = Pieces.from_steps(steps, vals)
     return fresh
+
+
+# On Postgres the series blocks are folded in by the database: one statement, no read. The
+# batch's own blocks are inserted, or combined with the stored block of the same key as
+# ``Pieces.group`` would: min/max of the two (NaN ignored, as fmin/fmax), counts added.
+_MERGE_SERIES_PG = """
+INSERT INTO series_rollups AS t
+    (run_pk, name, level, block, step_first, step_last, vmin, vmax, nonfinite)
+SELECT %(run_pk)s, * FROM unnest(%(name)s::text[], %(level)s::int4[], %(block)s::int8[],
+    %(first)s::int8[], %(last)s::int8[], %(vmin)s::float8[], %(vmax)s::float8[],
+    %(nonfinite)s::int4[])
+ON CONFLICT (run_pk, name, level, block) DO UPDATE SET
+    step_first = LEAST(t.step_first, EXCLUDED.step_first),
+    step_last = GREATEST(t.step_last, EXCLUDED.step_last),
+    vmin = CASE WHEN t.vmin = 'NaN' THEN EXCLUDED.vmin WHEN EXCLUDED.vmin = 'NaN' THEN t.vmin
+                ELSE LEAST(t.vmin, EXCLUDED.vmin) END,
+    vmax = CASE WHEN t.vmax = 'NaN' THEN EXCLUDED.vmax WHEN EXCLUDED.vmax = 'NaN' THEN t.vmax
+                ELSE GREATEST(t.vmax, EXCLUDED.vmax) END,
+    nonfinite = t.nonfinite + EXCLUDED.nonfinite
+"""
+
+
+def _merge_series_pg(session: Session, run_pk: int, fresh: Keyed) -> None:
+    cols: dict[str, list[Any]] = {k: [] for k in
+                                  ("name", "level", "block", "first", "last", "vmin", "vmax",
+                                   "nonfinite")}
+    for name, new in fresh.items():
+        for level in ROLLUP_LEVELS:
+            ids, p = new.group(new.first // level)
+            n = len(ids)
+            cols["name"].extend([name] * n)
+            cols["level"].extend([level] * n)
+            cols["block"].extend(ids.tolist())
+            cols["first"].extend(p.first.tolist())
+            cols["last"].extend(p.last.tolist())
+            cols["vmin"].extend(p.vmin[:, 0].tolist())
+            cols["vmax"].extend(p.vmax[:, 0].tolist())
+            cols["nonfinite"].extend(p.nonfinite[:, 0].tolist())
+    raw = session.connection().connection.driver_connection
+    assert raw is not None
+    with raw.cursor() as cur:
+        cur.execute(_MERGE_SERIES_PG, {"run_pk": run_pk, **cols})
+
+
+_UPSERT_LAYERS_PG = """
+INSERT INTO layer_rollups AS t
+    (run_pk, metric, level, block, step_first, step_last, vmin, vmax, nonfinite)
+SELECT %(run_pk)s, * FROM unnest(%(metric)s::text[], %(level)s::int4[], %(block)s::int8[],
+    %(step_first)s::int8[], %(step_last)s::int8[], %(vmin)s::bytea[], %(vmax)s::bytea[],
+    %(nonfinite)s::bytea[])
+ON CONFLICT (run_pk, metric, level, block) DO UPDATE SET
+    step_first = EXCLUDED.step_first, step_last = EXCLUDED.step_last,
+    vmin = EXCLUDED.vmin, vmax = EXCLUDED.vmax, nonfinite = EXCLUDED.nonfinite
+"""
+
+
+def _upsert_layer_blocks_pg(session: Session, run_pk: int, rows: list[dict[str, Any]]) -> None:
+    """The merged blocks in one statement (arrays of columns), not one per row."""
+    params: dict[str, Any] = {"run_pk": run_pk}
+    for key in ("metric", "level", "block", "step_first", "step_last"):
+        params[key] = [r[key] for r in rows]
+    for key in ("vmin", "vmax", "nonfinite"):
+        params[key] = [np.asarray(r[key], "<f4").tobytes() for r in rows]
+    raw = session.connection().connection.driver_connection
+    assert raw is not None
+    with raw.cursor() as cur:
+        cur.execute(_UPSERT_LAYERS_PG, params)
