@@ -27,10 +27,23 @@ def install_openapi(app: FastAPI) -> None:
         if app.openapi_schema is None:
             spec = generate()
             hoist_defs(spec)
+            settings = getattr(app.state, "settings", None)
+            if settings is None or settings.auth != "required":
+                allow_no_token(spec)
             app.openapi_schema = document_wire_floats(spec)
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def allow_no_token(spec: dict[str, Any]) -> None:
+    """A collector that may run open (``auth`` auto or off) accepts requests without a token:
+    each operation's security requirement gets the empty alternative ``{}`` ("no token")."""
+    for operations in spec.get("paths", {}).values():
+        for operation in operations.values():
+            security = operation.get("security") if isinstance(operation, dict) else None
+            if security and {} not in security:
+                security.append({})
 
 
 def document_wire_floats(node: Any) -> Any:

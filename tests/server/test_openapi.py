@@ -27,7 +27,8 @@ def test_openapi_lists_the_endpoints(api: httpx.Client) -> None:
     assert "steps" in str(body["content"]["application/json"]["schema"])
     # the bearer token scheme is declared, and used by the API routes (not by /healthz)
     assert spec["components"]["securitySchemes"]["token"]["scheme"].lower() == "bearer"
-    assert spec["paths"]["/api/v1/runs"]["get"]["security"] == [{"token": []}]
+    # this collector may run open (auth "auto"), so "no token" is an allowed alternative
+    assert spec["paths"]["/api/v1/runs"]["get"]["security"] == [{"token": []}, {}]
     assert "security" not in spec["paths"]["/healthz"]["get"]
     assert api.get("/docs").status_code == 200
 
@@ -35,3 +36,12 @@ def test_openapi_lists_the_endpoints(api: httpx.Client) -> None:
 def test_unknown_route_is_a_json_404(api: httpx.Client) -> None:
     resp = api.get("/api/v1/nothing-here")
     assert resp.status_code == 404 and resp.json()["error"] == "NotFound"
+
+
+def test_a_collector_that_requires_tokens_documents_no_open_alternative() -> None:
+    from server.app import create_app
+    from server.settings import Settings
+
+    spec = create_app(Settings(database_url="sqlite://", auth="required")).openapi()
+    assert spec["paths"]["/api/v1/runs"]["get"]["security"] == [{"token": []}]
+    assert spec["paths"]["/api/v1/runs/{run_id}/steps"]["post"]["security"] == [{"token": []}]
