@@ -64,8 +64,12 @@ def total(values: Sequence[float]) -> float:
         return math.fsum(values)
     except ValueError:  # +Inf and -Inf
         return math.nan
-    except OverflowError:  # finite values whose sum is beyond a double
-        return math.inf if sum(map(Fraction, values)) > 0 else -math.inf
+    except OverflowError:  # an intermediate sum went beyond a double; the total may not
+        exact = sum(map(Fraction, values))
+        try:
+            return float(exact)  # correctly rounded
+        except OverflowError:
+            return math.inf if exact > 0 else -math.inf
 
 
 def gns_rows(g: GnsIn, n_layers: int) -> tuple[dict[str, float], dict[str, np.ndarray]]:

@@ -151,3 +151,18 @@ def test_openapi_describes_the_api(api: httpx.Client) -> None:
     steps = spec["paths"]["/api/v1/runs/{run_id}/steps"]["post"]["responses"]
     assert steps["4XX"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorOut")
     assert "503" in steps
+
+
+def test_noise_scale_total_survives_an_intermediate_overflow() -> None:
+    """math.fsum raises when a partial sum overflows although the total is a double: the
+    total is then the correctly rounded exact sum (found by the wire fuzzer)."""
+    from fractions import Fraction
+
+    from server.services.noise import total
+
+    values = [1.7976931348623157e308, 5.313475151573518e292, -1e300, 5e-324]
+    expected = float(sum(map(Fraction, values)))
+    assert math.isfinite(expected)
+    assert total(values) == expected
+    assert total([1.7976931348623157e308, 1.7976931348623157e308]) == math.inf
+    assert total([-1.7976931348623157e308, -1.7976931348623157e308]) == -math.inf
