@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from server.analysis.robust import LayerEma, Window, pack, unpack
+from server.analysis.robust import LayerEma, Window, unpack
 from server.analysis.rules import Rules
 
 ATTRIBUTION_Z = 3.0

@@ -14,7 +14,7 @@ and the transaction with it: an error, never a duplicate.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -96,9 +96,19 @@ def _insert_arrays(cur: psycopg.Cursor[Any], table: Table,
     takes two (the server's go-ahead, then the data), which is what small batches pay for."""
     query, casts = _array_insert(table)
     cur.execute(query, [
-        [None if v is None else cast(v) for v in column]  # one Python type per array
+        numeric_array(column, cast) if cast in (int, float)
+        else [None if v is None else cast(v) for v in column]  # one Python type per array
         for cast, column in zip(casts, zip(*rows, strict=True), strict=True)
     ])
+
+
+def numeric_array(values: Iterable[Any], cast: type[int] | type[float]) -> str:
+    """A Postgres array literal of numbers (``'{1,2.5,NULL,nan}'``) for a ``%s::float8[]``
+    or ``::int8[]`` parameter: one join, where psycopg adapts a list element by element.
+
+    Exact: ``repr`` of a float is the shortest text that reads back to the same double, and
+    Postgres reads ``nan``, ``inf`` and ``-inf`` as NaN and ±Infinity."""
+    return "{" + ",".join("NULL" if v is None else repr(cast(v)) for v in values) + "}"
 
 
 _ARRAY_INSERTS: dict[str, tuple[bytes, list[Any]]] = {}

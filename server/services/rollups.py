@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 
 from server.models import STEP_SERIES, LayerValues, Step
 from server.models_rollups import ROLLUP_LEVELS, LayerRollup, SeriesRollup
+from server.services.bulk import numeric_array
 
 # Steps per chunk when rebuilding a whole run (a multiple of the coarsest level).
 REBUILD_CHUNK = ROLLUP_LEVELS[-1] * 4
@@ -647,10 +648,13 @@ def _merge_series_pg(session: Session, run_pk: int, fresh: Keyed) -> None:
             cols["vmin"].extend(p.vmin[:, 0].tolist())
             cols["vmax"].extend(p.vmax[:, 0].tolist())
             cols["nonfinite"].extend(p.nonfinite[:, 0].tolist())
+    params: dict[str, Any] = {"run_pk": run_pk, "name": cols.pop("name")}
+    for key, values in cols.items():
+        params[key] = numeric_array(values, float if key in ("vmin", "vmax") else int)
     raw = session.connection().connection.driver_connection
     assert raw is not None
     with raw.cursor() as cur:
-        cur.execute(_MERGE_SERIES_PG, {"run_pk": run_pk, **cols})
+        cur.execute(_MERGE_SERIES_PG, params)
 
 
 _UPSERT_LAYERS_PG = """
@@ -668,8 +672,9 @@ ON CONFLICT (run_pk, metric, level, block) DO UPDATE SET
 def _upsert_layer_blocks_pg(session: Session, run_pk: int, rows: list[dict[str, Any]]) -> None:
     """The merged blocks in one statement (arrays of columns), not one per row."""
     params: dict[str, Any] = {"run_pk": run_pk}
-    for key in ("metric", "level", "block", "step_first", "step_last"):
-        params[key] = [r[key] for r in rows]
+    params["metric"] = [r["metric"] for r in rows]
+    for key in ("level", "block", "step_first", "step_last"):
+        params[key] = numeric_array((r[key] for r in rows), int)
     for key in ("vmin", "vmax", "nonfinite"):
         params[key] = [np.asarray(r[key], "<f4").tobytes() for r in rows]
     raw = session.connection().connection.driver_connection
