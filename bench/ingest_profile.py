@@ -1,6 +1,8 @@
 """In-process ingest cost: small (sustained-load) and large (ceiling) batches on a fresh
-Postgres database, no HTTP. Prints ms per request, SQL statements per request and the
-values/s of large batches; ``--profile`` adds a cProfile of each phase.
+Postgres database, no HTTP. Prints ms per request, CPU ms per request (this process, and
+the Postgres backends serving this database, read from /proc where Postgres runs on this
+machine), SQL statements per request and the values/s of large batches; ``--profile`` adds
+a cProfile of each phase.
 
     PYTHONPATH=. .venv/bin/python bench/ingest_profile.py [--small 300] [--large 8]
 """
@@ -44,12 +46,30 @@ def body(steps: list[dict[str, Any]]) -> bytes:
     return json.dumps({"wire_version": WIRE_VERSION, "steps": steps}).encode()
 
 
+def _backend_cpu(admin: psycopg.Connection[Any], name: str) -> float | None:
+    """CPU seconds (user + system) of the Postgres backends connected to database ``name``;
+    None where their /proc entries cannot be read (Postgres on another machine)."""
+    pids = [r[0] for r in admin.execute(
+        "SELECT pid FROM pg_stat_activity WHERE datname = %s", (name,)).fetchall()]
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    try:
+        for pid in pids:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+    except OSError:
+        return None
+    return total
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--small", type=int, default=300, help="2-step requests, over 20 runs")
     ap.add_argument("--large", type=int, default=8, help="1000-step requests, one run")
     ap.add_argument("--layers", type=int, default=128)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--sort", default="cumulative", help="cProfile order: cumulative, tottime")
     args = ap.parse_args()
     name = f"ingest_profile_{uuid.uuid4().hex[:6]}"
     with psycopg.connect(ADMIN, autocommit=True) as admin:
@@ -91,6 +111,9 @@ def main() -> None:
                 post(f"s{i}", small[k])
         statements[0] = 0
         prof = cProfile.Profile()
+        admin = psycopg.connect(ADMIN, autocommit=True)
+        pg0 = _backend_cpu(admin, name)
+        cpu0 = time.process_time()
         t0 = time.perf_counter()
         if args.profile:
             prof.enable()
@@ -101,10 +124,15 @@ def main() -> None:
                 count += 1
         prof.disable()
         dt = time.perf_counter() - t0
+        cpu = time.process_time() - cpu0
+        pg1 = _backend_cpu(admin, name)
+        admin.close()
+        pg = "n/a" if pg0 is None or pg1 is None else f"{1000 * (pg1 - pg0) / count:.2f}"
         print(f"small: {count} requests of 2 steps x {args.layers} layers: "
-              f"{1000 * dt / count:.2f} ms/request, {statements[0] / count:.1f} SQL/request")
+              f"{1000 * dt / count:.2f} ms/request, CPU {1000 * cpu / count:.2f} ms/request "
+              f"here + {pg} ms/request in Postgres, {statements[0] / count:.1f} SQL/request")
         if args.profile:
-            _show(prof)
+            _show(prof, args.sort)
 
         make_run("big")
         large = [body([record(1000 * k + j, base, rng) for j in range(1000)])
@@ -128,7 +156,7 @@ def main() -> None:
               f"{1000 * t_total / args.large:.1f} ms/request (decode "
               f"{1000 * t_decode / args.large:.1f}), {values / t_total / 1e6:.3f}M values/s")
         if args.profile:
-            _show(prof)
+            _show(prof, args.sort)
         engine.dispose()
     finally:
         with psycopg.connect(ADMIN, autocommit=True) as admin:
@@ -136,9 +164,9 @@ def main() -> None:
     print(f"load average: {os.getloadavg()[0]:.1f}")
 
 
-def _show(prof: cProfile.Profile) -> None:
+def _show(prof: cProfile.Profile, sort: str) -> None:
     out = io.StringIO()
-    pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(45)
+    pstats.Stats(prof, stream=out).sort_stats(sort).print_stats(45)
     print(out.getvalue())
 
 

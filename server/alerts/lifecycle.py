@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import or_, select
+from sqlalchemy import bindparam, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -59,27 +59,32 @@ def lock_state(session: Session, run_pk: int, skip_locked: bool = False) -> Aler
     return session.scalars(query).one_or_none()
 
 
+# Built once (composing it cost about as much as running it).
+_STATE_FOR_INGEST = (
+    select(
+        AlertState,
+        select(Project.name).where(Project.id == bindparam("pid")).scalar_subquery(),
+        select(ProjectRules.rules)
+        .where(ProjectRules.project_id == bindparam("pid"))
+        .scalar_subquery(),
+    )
+    .where(AlertState.run_pk == bindparam("run_pk"))
+    .with_for_update(of=AlertState)
+    .execution_options(populate_existing=True)
+)
+
+
 def lock_state_for_ingest(
     session: Session, run: Run, settings: Settings
 ) -> tuple[AlertState, str, Rules]:
     """:func:`lock_state` for ingest, with the project's name and the rules in force read
     in the same statement: one round trip where the state row exists (every ingest of a run
     but its first)."""
-    pid = run.project_id
-    query = (
-        select(
-            AlertState,
-            select(Project.name).where(Project.id == pid).scalar_subquery(),
-            select(ProjectRules.rules).where(ProjectRules.project_id == pid).scalar_subquery(),
-        )
-        .where(AlertState.run_pk == run.pk)
-        .with_for_update(of=AlertState)
-        .execution_options(populate_existing=True)
-    )
-    row = session.execute(query).one_or_none()
+    params = {"pid": run.project_id, "run_pk": run.pk}
+    row = session.execute(_STATE_FOR_INGEST, params).one_or_none()
     if row is None:
         lock_state(session, run.pk)  # create it (or wait for its creator), then read again
-        row = session.execute(query).one()
+        row = session.execute(_STATE_FOR_INGEST, params).one()
     state, project, overrides = row
     assert project is not None  # foreign key
     return state, project, _merged_rules(settings, project, overrides or {})

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from server.analysis.robust import LayerEma, Window
+from server.analysis.robust import LayerEma, Window, unpack
 from server.analysis.rules import Rules
 
 ATTRIBUTION_Z = 3.0
@@ -73,7 +73,8 @@ class Signal:
 
 @dataclass
 class RunAnalysis:
-    """Everything the detectors remember about one run (JSON-serialisable)."""
+    """Everything the detectors remember about one run (JSON-serialisable; numeric vectors
+    as base64, see ``robust.pack``; states written before as JSON lists read the same)."""
 
     n_layers: int
     records: int = 0
@@ -136,8 +137,8 @@ class RunAnalysis:
             layers=LayerEma.from_json(data["layers"], n_layers, 0.05),
             updates=LayerEma.from_json(data["updates"], n_layers, 0.2),
             update_records=data["update_records"],
-            dev_start=np.asarray(data["dev_start"], dtype=np.int64),
-            vanish=np.asarray(data["vanish"], dtype=np.int64),
+            dev_start=unpack(data["dev_start"], "<i8"),
+            vanish=unpack(data["vanish"], "<i8"),
             growth=[math.nan if g is None else g for g in data["growth"]],
             div={k: math.nan if v is None else v for k, v in data["div"].items()},
             overflow=list(data["overflow"]),

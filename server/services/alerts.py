@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
@@ -65,14 +66,25 @@ def _view(s: StepIn) -> StepView:
     )
 
 
+@dataclass(frozen=True)
+class AnalysisDone:
+    """What :func:`analyze_ingested` leaves for the caller to write (with the run's own
+    update, in one statement): the run's new analysis state and its last analysed step."""
+
+    state: dict[str, Any]
+    last_step: int
+    raised: list[int]  # ids of the alerts fired
+
+
 def analyze_ingested(
     session: Session, run: Run, steps: Sequence[StepIn], settings: Settings
-) -> list[int]:
+) -> AnalysisDone | None:
     """Run the detectors over a just-stored batch, in the ingest transaction.
 
     Steps at or before the last analysed step (replays, retries, late batches) are skipped,
     so each step is analysed once whichever collector process receives it.
-    Returns the ids of the alerts fired.
+    Returns the state to store in the run's locked ``alert_states`` row (the caller writes
+    it, see ``ingest.save_run_state``), or None when the detectors failed.
 
     The detectors (pure) run over the whole batch before any alert is written: should one
     of them fail, the batch is stored anyway, its steps are left unanalysed and the error
@@ -91,16 +103,17 @@ def analyze_ingested(
             fresh[0].step,
             fresh[-1].step,
         )
-        return []
+        return None
     life = Lifecycle(session, run, project, rules, saved.get("lifecycle"))
     if fresh:
         life.data_arrived(fresh[0].step)
     for step, signals in found:
         life.apply(step, signals)
-    state.state = {"analysis": analysis.to_json(), "lifecycle": life.to_json()}
-    state.last_step = analysis.last_step
-    state.updated_at = utcnow()
-    return life.raised
+    return AnalysisDone(
+        {"analysis": analysis.to_json(), "lifecycle": life.to_json()},
+        analysis.last_step,
+        life.raised,
+    )
 
 
 # -- queries ------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ and the transaction with it: an error, never a duplicate.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -94,18 +94,41 @@ def _insert_arrays(cur: psycopg.Cursor[Any], table: Table,
                    rows: Sequence[tuple[Any, ...]]) -> None:
     """``INSERT ... SELECT FROM unnest(one array per column)``: one round trip, where a COPY
     takes two (the server's go-ahead, then the data), which is what small batches pay for."""
-    cols = sql.SQL(", ").join(sql.Identifier(c.name) for c in table.columns)
-    arrays = sql.SQL(", ").join(
-        sql.SQL("%s::{}[]").format(sql.SQL(_pg_type(c))) for c in table.columns
-    )
-    query = sql.SQL("INSERT INTO {} ({}) SELECT * FROM unnest({})").format(
-        sql.Identifier(table.name), cols, arrays
-    )
-    casts = [_CASTS[_pg_type(c)] for c in table.columns]
+    query, casts = _array_insert(table)
     cur.execute(query, [
-        [None if v is None else cast(v) for v in column]  # one Python type per array
+        numeric_array(column, cast) if cast in (int, float)
+        else [None if v is None else cast(v) for v in column]  # one Python type per array
         for cast, column in zip(casts, zip(*rows, strict=True), strict=True)
     ])
+
+
+def numeric_array(values: Iterable[Any], cast: type[int] | type[float]) -> str:
+    """A Postgres array literal of numbers (``'{1,2.5,NULL,nan}'``) for a ``%s::float8[]``
+    or ``::int8[]`` parameter: one join, where psycopg adapts a list element by element.
+
+    Exact: ``repr`` of a float is the shortest text that reads back to the same double, and
+    Postgres reads ``nan``, ``inf`` and ``-inf`` as NaN and ±Infinity."""
+    return "{" + ",".join("NULL" if v is None else repr(cast(v)) for v in values) + "}"
+
+
+_ARRAY_INSERTS: dict[str, tuple[bytes, list[Any]]] = {}
+
+
+def _array_insert(table: Table) -> tuple[bytes, list[Any]]:
+    """The statement of :func:`_insert_arrays` for ``table`` and each column's Python type,
+    built once per table (composing it cost more than sending it)."""
+    cached = _ARRAY_INSERTS.get(table.name)
+    if cached is None:
+        cols = sql.SQL(", ").join(sql.Identifier(c.name) for c in table.columns)
+        arrays = sql.SQL(", ").join(
+            sql.SQL("%s::{}[]").format(sql.SQL(_pg_type(c))) for c in table.columns
+        )
+        query = sql.SQL("INSERT INTO {} ({}) SELECT * FROM unnest({})").format(
+            sql.Identifier(table.name), cols, arrays
+        )
+        cached = (query.as_bytes(None), [_CASTS[_pg_type(c)] for c in table.columns])
+        _ARRAY_INSERTS[table.name] = cached
+    return cached
 
 
 def _pg_upsert(conn: psycopg.Connection[Any], table: Table,

@@ -7,18 +7,30 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import psycopg
 from pydantic import ValidationError
-from sqlalchemy import BigInteger, any_, bindparam, select
+from sqlalchemy import BigInteger, any_, bindparam, select, update
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 
 from server import errors
 from server.analysis.ratios import update_ratio
 from server.columns import to_float32
-from server.models import STEP_SERIES, WINDOW_STATS, WINDOW_STEPS, LayerValues, Scalar, Step, utcnow
+from server.jsonenc import dumps_str
+from server.models import (
+    STEP_SERIES,
+    WINDOW_STATS,
+    WINDOW_STEPS,
+    LayerValues,
+    Run,
+    Scalar,
+    Step,
+    utcnow,
+)
+from server.models_alerts import AlertState
 from server.schemas import IngestResult, StepBatch, StepIn
 from server.services import bulk, rollups
-from server.services.alerts import analyze_ingested
+from server.services.alerts import AnalysisDone, analyze_ingested
 from server.services.noise import check_gns, gns_rows
 from server.services.runs import get_run
 from server.settings import Settings
@@ -194,15 +206,49 @@ def ingest_steps(
         rollups.refresh_series(session, run.pk, step_rows)
 
     last = max(s.step for s in steps)
-    run.last_step = last if run.last_step is None else max(run.last_step, last)
-    run.updated_at = utcnow()
-    run.status = "running"
-    if settings.alerts_enabled:
-        analyze_ingested(session, run, steps, settings)
+    done = analyze_ingested(session, run, steps, settings) if settings.alerts_enabled else None
+    last_step = last if run.last_step is None else max(run.last_step, last)
+    save_run_state(session, run.pk, last_step, done)
     session.commit()
     return IngestResult(
         run=run_id, accepted=len(steps), first_step=first, last_step=last
     )
+
+
+# The run's update and its analysis state in one statement (one round trip).
+_SAVE_PG = """
+WITH r AS (UPDATE runs SET last_step = %(last)s, updated_at = %(now)s, status = 'running'
+           WHERE pk = %(pk)s)
+UPDATE alert_states SET state = %(state)s::json, last_step = %(alast)s, updated_at = %(now)s
+WHERE run_pk = %(pk)s
+"""
+
+
+def save_run_state(
+    session: Session, run_pk: int, last_step: int, done: AnalysisDone | None
+) -> None:
+    """Set the run's ``last_step`` (status running, updated now) and, with ``done``, store
+    its analysis state in the ``alert_states`` row locked by the analysis. Core statements
+    (the ORM's flush of the two objects cost more than the work); the session's ``Run`` is
+    stale until the commit expires it."""
+    now = utcnow()
+    if session.get_bind().dialect.name == "postgresql":
+        raw = session.connection().connection.driver_connection
+        assert isinstance(raw, psycopg.Connection)
+        with raw.cursor() as cur:
+            if done is None:
+                cur.execute(
+                    "UPDATE runs SET last_step = %s, updated_at = %s, status = 'running' "
+                    "WHERE pk = %s", (last_step, now, run_pk))
+            else:
+                cur.execute(_SAVE_PG, {"last": last_step, "now": now, "pk": run_pk,
+                                       "state": dumps_str(done.state), "alast": done.last_step})
+        return
+    session.execute(update(Run).where(Run.pk == run_pk).values(
+        last_step=last_step, updated_at=now, status="running"))
+    if done is not None:
+        session.execute(update(AlertState).where(AlertState.run_pk == run_pk).values(
+            state=done.state, last_step=done.last_step, updated_at=now))
 
 
 def _among(steps: list[int], session: Session) -> Any:

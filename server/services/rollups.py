@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 
 from server.models import STEP_SERIES, LayerValues, Step
 from server.models_rollups import ROLLUP_LEVELS, LayerRollup, SeriesRollup
+from server.services.bulk import numeric_array
 
 # Steps per chunk when rebuilding a whole run (a multiple of the coarsest level).
 REBUILD_CHUNK = ROLLUP_LEVELS[-1] * 4
@@ -451,6 +452,21 @@ def _merged(new: Pieces, stored: Pieces | None, level: int) -> tuple[np.ndarray,
     return both.group(both.first // level)
 
 
+# merge_layers' read on Postgres: the stored blocks of the batch's range at every level.
+_STORED_LAYERS_PG = (
+    "SELECT metric, level, step_first, step_last, vmin, vmax, nonfinite FROM layer_rollups "
+    "WHERE run_pk = %s AND metric = ANY(%s) AND ("
+    + " OR ".join(f"(level = {lv} AND block BETWEEN %s AND %s)" for lv in ROLLUP_LEVELS)
+    + ") ORDER BY metric, level, block"
+)
+
+
+def _f4_stack(vectors: Sequence[Any]) -> np.ndarray:
+    """Stack stored float32 vectors (bytes from raw psycopg, arrays through SQLAlchemy)."""
+    return np.stack([np.frombuffer(v, "<f4") if isinstance(v, bytes | memoryview) else v
+                     for v in vectors])
+
+
 def merge_layers(
     session: Session, run_pk: int, width: int, layer_rows: Sequence[dict[str, Any]]
 ) -> None:
@@ -461,20 +477,29 @@ def merge_layers(
     lo = min(int(p.first[0]) for p in fresh.values())
     hi = max(int(p.last[-1]) for p in fresh.values())
     t = LayerRollup
-    rows = session.connection().execute(
-        select(t.metric, t.level, t.step_first, t.step_last, t.vmin, t.vmax, t.nonfinite)
-        .where(t.run_pk == run_pk, t.metric.in_(list(fresh)), _levels_where(t, lo, hi))
-        .order_by(t.metric, t.level, t.block)
-    ).all()
+    pg = session.get_bind().dialect.name == "postgresql"
+    rows: Sequence[Any]
+    if pg:  # raw SQL: composing the ORM statement cost more than running it
+        raw = session.connection().connection.driver_connection
+        assert raw is not None
+        bounds = [b for lv in ROLLUP_LEVELS for b in (lo // lv, hi // lv)]
+        with raw.cursor() as cur:
+            rows = cur.execute(_STORED_LAYERS_PG, [run_pk, list(fresh), *bounds]).fetchall()
+    else:
+        rows = session.connection().execute(
+            select(t.metric, t.level, t.step_first, t.step_last, t.vmin, t.vmax, t.nonfinite)
+            .where(t.run_pk == run_pk, t.metric.in_(list(fresh)), _levels_where(t, lo, hi))
+            .order_by(t.metric, t.level, t.block)
+        ).all()
     stored: dict[tuple[str, int], Pieces] = {}
     for (metric, level), group in groupby(rows, key=lambda r: (str(r[0]), int(r[1]))):
         mine = list(group)
         stored[metric, level] = Pieces(
             np.fromiter((r[2] for r in mine), np.int64, len(mine)),
             np.fromiter((r[3] for r in mine), np.int64, len(mine)),
-            np.stack([r[4] for r in mine]).astype(np.float64),
-            np.stack([r[5] for r in mine]).astype(np.float64),
-            np.stack([r[6] for r in mine]).astype(np.int64),
+            _f4_stack([r[4] for r in mine]).astype(np.float64),
+            _f4_stack([r[5] for r in mine]).astype(np.float64),
+            _f4_stack([r[6] for r in mine]).astype(np.int64),
         )
     out: list[dict[str, Any]] = []
     for metric, new in fresh.items():
@@ -591,6 +616,26 @@ def _merge_series_pg(session: Session, run_pk: int, fresh: Keyed) -> None:
     cols: dict[str, list[Any]] = {k: [] for k in
                                   ("name", "level", "block", "first", "last", "vmin", "vmax",
                                    "nonfinite")}
+    pieces = list(fresh.values())
+    steps = pieces[0].first
+    if all(np.array_equal(p.first, steps) for p in pieces[1:]):
+        # The usual case, every series at every step: group all series at once (the same
+        # blocks, min/max and counts as one series at a time).
+        names = list(fresh)
+        both = Pieces.from_steps(steps, np.column_stack([p.vmin[:, 0] for p in pieces]))
+        width = len(names)
+        for level in ROLLUP_LEVELS:
+            ids, p = both.group(steps // level)
+            n = len(ids)
+            cols["name"].extend(names * n)
+            cols["level"].extend([level] * (n * width))
+            cols["block"].extend(np.repeat(ids, width).tolist())
+            cols["first"].extend(np.repeat(p.first, width).tolist())
+            cols["last"].extend(np.repeat(p.last, width).tolist())
+            cols["vmin"].extend(p.vmin.ravel().tolist())
+            cols["vmax"].extend(p.vmax.ravel().tolist())
+            cols["nonfinite"].extend(p.nonfinite.ravel().tolist())
+        fresh = {}
     for name, new in fresh.items():
         for level in ROLLUP_LEVELS:
             ids, p = new.group(new.first // level)
@@ -603,10 +648,13 @@ def _merge_series_pg(session: Session, run_pk: int, fresh: Keyed) -> None:
             cols["vmin"].extend(p.vmin[:, 0].tolist())
             cols["vmax"].extend(p.vmax[:, 0].tolist())
             cols["nonfinite"].extend(p.nonfinite[:, 0].tolist())
+    params: dict[str, Any] = {"run_pk": run_pk, "name": cols.pop("name")}
+    for key, values in cols.items():
+        params[key] = numeric_array(values, float if key in ("vmin", "vmax") else int)
     raw = session.connection().connection.driver_connection
     assert raw is not None
     with raw.cursor() as cur:
-        cur.execute(_MERGE_SERIES_PG, {"run_pk": run_pk, **cols})
+        cur.execute(_MERGE_SERIES_PG, params)
 
 
 _UPSERT_LAYERS_PG = """
@@ -624,8 +672,9 @@ ON CONFLICT (run_pk, metric, level, block) DO UPDATE SET
 def _upsert_layer_blocks_pg(session: Session, run_pk: int, rows: list[dict[str, Any]]) -> None:
     """The merged blocks in one statement (arrays of columns), not one per row."""
     params: dict[str, Any] = {"run_pk": run_pk}
-    for key in ("metric", "level", "block", "step_first", "step_last"):
-        params[key] = [r[key] for r in rows]
+    params["metric"] = [r["metric"] for r in rows]
+    for key in ("level", "block", "step_first", "step_last"):
+        params[key] = numeric_array((r[key] for r in rows), int)
     for key in ("vmin", "vmax", "nonfinite"):
         params[key] = [np.asarray(r[key], "<f4").tobytes() for r in rows]
     raw = session.connection().connection.driver_connection

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -13,15 +13,17 @@ from server.models import STEP_SERIES, Project, Run, Scalar, Step, utcnow
 from server.schemas import ProjectOut, RunCreate, RunOut
 from server.settings import Settings
 
+# Built once: composing a statement costs about as much as running it (every ingest reads
+# its run).
+_RUN = select(Run).where(Run.id == bindparam("run_id"))
+_RUN_LOCKED = _RUN.with_for_update(key_share=True).execution_options(populate_existing=True)
+
 
 def get_run(session: Session, run_id: str, lock: bool = False) -> Run:
     """The run with id ``run_id``; with ``lock``, its row stays locked until the transaction
     ends (``FOR NO KEY UPDATE`` on Postgres), so writers of one run take turns across
     collector processes. SQLite has a single writer, which serialises the same way."""
-    query = select(Run).where(Run.id == run_id)
-    if lock:
-        query = query.with_for_update(key_share=True).execution_options(populate_existing=True)
-    run = session.scalar(query)
+    run = session.scalar(_RUN_LOCKED if lock else _RUN, {"run_id": run_id})
     if run is None:
         raise errors.RunNotFound(run_id)
     return run

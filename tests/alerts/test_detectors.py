@@ -230,3 +230,29 @@ def test_a_layer_whose_gradient_dies_raises_vanishing_for_that_layer() -> None:
     vanishing = [s for s in signals if s.rule == "layer_vanishing"]
     assert {s.scope for s in vanishing} == {"h0"}
     assert vanishing[0].step == 44  # after `sustain` = 5 records
+
+
+def test_state_stored_as_json_lists_reads_the_same_and_continues_alike() -> None:
+    """States written before the vectors were packed (plain JSON lists) read back to the same
+    baselines, and the detectors go on from them exactly as from the packed state."""
+    rng = np.random.default_rng(3)
+    packed = fresh()
+    feed(packed, [view(i, 2.0 + 0.01 * rng.standard_normal(), 1.0 + 0.01 * rng.standard_normal(),
+                       1.0 + 0.02 * rng.standard_normal()) for i in range(60)])
+    data = packed.to_json()
+    assert isinstance(data["layers"]["mean"], str)  # packed
+    assert packed.layers is not None and packed.updates is not None
+    old = {**data,
+           "loss": {**data["loss"], "values": packed.loss.values, "rejected": packed.loss.rejected},
+           "grad": {**data["grad"], "values": packed.grad.values, "rejected": packed.grad.rejected},
+           "layers": {**data["layers"], "mean": packed.layers.mean.tolist(),
+                      "dev": packed.layers.dev.tolist()},
+           "updates": {**data["updates"], "mean": packed.updates.mean.tolist(),
+                       "dev": packed.updates.dev.tolist()},
+           "dev_start": packed.dev_start.tolist(), "vanish": packed.vanish.tolist()}
+    a = RunAnalysis.from_json(data, len(LAYERS), RULES)
+    b = RunAnalysis.from_json(old, len(LAYERS), RULES)
+    assert a.to_json() == b.to_json() == data
+    spike = [view(60, 2.0, 1.0, 40.0), view(61, 9.0, 30.0)]
+    assert feed(a, spike) == feed(b, spike) != []
+    assert a.to_json() == b.to_json()

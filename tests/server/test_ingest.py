@@ -211,3 +211,28 @@ def test_listing_projects_and_runs(api: httpx.Client) -> None:
     assert {r["id"] for r in runs} == ids
     projects = {p["name"]: p for p in api.get("/api/v1/projects").json()}
     assert projects[project]["runs"] == 3
+
+
+def test_numeric_array_literals_read_back_exactly_on_postgres() -> None:
+    """The array literals the Postgres ingest path sends for numeric columns keep every
+    double bit-exact (NaN, ±Inf, -0.0, subnormals, shortest repr) and NULL."""
+    import psycopg
+
+    from server.services.bulk import numeric_array
+    from tests.conftest import PG_ADMIN_URL
+
+    floats = [math.nan, math.inf, -math.inf, -0.0, 5e-324, 0.1 + 0.2, 1.7976931348623157e308,
+              1e-5, None, 3.0]
+    ints = [0, -(2**63), 2**63 - 1, None, 7]
+    with psycopg.connect(PG_ADMIN_URL) as conn:
+        row = conn.execute("SELECT %s::float8[], %s::int8[]",
+                           (numeric_array(floats, float), numeric_array(ints, int))).fetchone()
+    assert row is not None
+    got_f, got_i = row
+    assert got_i == ints
+    assert len(got_f) == len(floats)
+    for want, got in zip(floats, got_f, strict=True):
+        if want is None or math.isnan(want):
+            assert got is None if want is None else math.isnan(got)
+        else:
+            assert got == want and math.copysign(1.0, got) == math.copysign(1.0, want)
