@@ -13,6 +13,11 @@ from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+# A refused body is still read (and dropped) up to this many bytes before the 413 goes out:
+# closing a connection with unread data makes the kernel reset it, and the client then sees
+# "connection reset" instead of the 413 and its message. Past this, the connection is cut.
+DRAIN_MAX_BYTES = 64 * 1024 * 1024
+
 
 class BodyLimit:
     def __init__(self, app: ASGIApp, limit: int, on_reject: Callable[[], None]) -> None:
@@ -28,6 +33,8 @@ class BodyLimit:
         declared = headers.get(b"content-length")
         if declared is not None:
             if declared.isdigit() and int(declared) > self.limit:
+                if int(declared) <= DRAIN_MAX_BYTES:
+                    await _drain(receive, DRAIN_MAX_BYTES)
                 await self._reject(send, f"body of {int(declared)} bytes exceeds the limit of "
                                    f"{self.limit} (GRADSENTRY_MAX_BODY_BYTES)")
                 return
@@ -45,6 +52,8 @@ class BodyLimit:
                 break
             size += len(message.get("body", b""))
             if size > self.limit:
+                if message.get("more_body", False):
+                    await _drain(receive, DRAIN_MAX_BYTES - size)
                 await self._reject(send, f"body exceeds the limit of {self.limit} bytes "
                                    "(GRADSENTRY_MAX_BODY_BYTES)")
                 return
@@ -64,3 +73,14 @@ class BodyLimit:
                                 (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": body})
+
+
+async def _drain(receive: Receive, budget: int) -> None:
+    """Read and drop the rest of a request body, at most ``budget`` bytes."""
+    while budget > 0:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        budget -= len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return

@@ -56,6 +56,23 @@ def _stored(api: httpx.Client, run_id: str) -> int:
     return int(api.get(f"/api/v1/runs/{run_id}").json()["num_steps"])
 
 
+def test_a_large_refused_body_still_gets_its_413_not_a_reset(small: httpx.Client) -> None:
+    """The collector reads and drops a refused body before answering: closing with unread
+    data would make the kernel reset the connection, and the client would never see the
+    413 (the wire fuzzer met this as "connection reset by peer")."""
+    run_id = _run(small)
+    body = b'{"wire_version":1,"steps":[' + b" " * 3_000_000 + b"]}"
+    for _ in range(5):
+        r = small.post(f"/api/v1/runs/{run_id}/steps", content=body,
+                       headers={"Content-Type": "application/json"})
+        assert r.status_code == 413 and r.json()["error"] == "BodyTooLarge"
+        chunks = iter([body[i:i + 65536] for i in range(0, len(body), 65536)])
+        r = small.post(f"/api/v1/runs/{run_id}/steps", content=chunks,
+                       headers={"Content-Type": "application/json"})
+        assert r.status_code == 413 and r.json()["error"] == "BodyTooLarge"
+    assert _stored(small, run_id) == 0
+
+
 def test_body_size_limit_on_every_json_route(small: httpx.Client) -> None:
     run_id = new_run_id("big")
     spec = {"id": run_id, "config": {"blob": "x" * 30_000}}
