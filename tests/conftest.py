@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -141,3 +143,36 @@ def new_run_id(prefix: str = "t") -> str:
 
 def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
+
+
+def spawn_collector(
+    database_url: str,
+    port: int,
+    *extra: str,
+    host: str = "127.0.0.1",
+    env: dict[str, str] | None = None,
+    stdout: int = subprocess.DEVNULL,
+    timeout: float = 90.0,
+) -> subprocess.Popen[bytes]:
+    """``gradsentry serve`` in a process of its own, returned once it answers /healthz on
+    loopback (a loaded 2-core machine can take tens of seconds). ``stdout=subprocess.PIPE``
+    keeps its output (stderr included) for a short-lived collector; it is shown if the
+    process exits before answering."""
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--host", host, "--port", str(port),
+           "--database-url", database_url, "--log-level", "warning", *extra]
+    proc = subprocess.Popen(cmd, cwd=repo_root(), env={**os.environ, **(env or {})},
+                            stdout=stdout, stderr=subprocess.STDOUT if stdout == subprocess.PIPE
+                            else None)
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            out = proc.stdout.read().decode() if proc.stdout else ""
+            raise RuntimeError(f"collector exited with code {proc.returncode}: {out}")
+        with contextlib.suppress(httpx.TransportError):
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                return proc
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait(timeout=10)
+            raise RuntimeError(f"collector did not answer within {timeout:.0f} s")
+        time.sleep(0.1)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,7 +21,7 @@ from client_hooks import monitor
 from client_hooks.monitor import Monitor
 from client_hooks.sender import Sender
 from tests.client import models
-from tests.conftest import free_port, repo_root
+from tests.conftest import free_port, spawn_collector
 
 
 class CollectorProcess:
@@ -35,22 +34,7 @@ class CollectorProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(self.port),
-               "--database-url", self.database_url, "--log-level", "warning"]
-        self.proc = subprocess.Popen(cmd, cwd=repo_root(), stdout=subprocess.DEVNULL)
-        # Generous: on a small shared machine under load, importing and migrating alone has
-        # taken more than 30 s.
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"collector exited with code {self.proc.returncode}")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=5).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError("collector did not answer within 90 s")
+        self.proc = spawn_collector(self.database_url, self.port)
 
     def kill(self) -> None:
         """SIGKILL: no graceful shutdown, connections cut mid-request."""

@@ -27,7 +27,14 @@ from server.auth import store
 from server.db import make_engine
 from server.migrate import upgrade
 from server.settings import Settings
-from tests.conftest import BACKENDS, free_port, fresh_pg_database, new_run_id, serve_in_thread
+from tests.conftest import (
+    BACKENDS,
+    free_port,
+    fresh_pg_database,
+    new_run_id,
+    serve_in_thread,
+    spawn_collector,
+)
 
 LAYERS = ["l0", "l1"]
 
@@ -335,20 +342,9 @@ def _routes(routes: list[Any]) -> Iterator[Any]:
 def _spawn_collector(database_url: str, port: int, *extra: str,
                      env: dict[str, str] | None = None,
                      host: str = "127.0.0.1") -> subprocess.Popen[bytes]:
-    """``gradsentry serve`` in a process of its own, once it answers /healthz on loopback."""
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--host", host, "--port",
-           str(port), "--database-url", database_url, "--log-level", "warning", *extra]
-    environ = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
-               **(env or {})}
-    proc = subprocess.Popen(cmd, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while True:
-        assert proc.poll() is None, (proc.stdout.read() if proc.stdout else b"").decode()
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                return proc
-        assert time.monotonic() < deadline, "the collector subprocess did not start"
-        time.sleep(0.2)
+    """``gradsentry serve`` in a process of its own (output kept for ``_stop``)."""
+    return spawn_collector(database_url, port, *extra, env=env, host=host,
+                           stdout=subprocess.PIPE)
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> str:

@@ -13,7 +13,6 @@ import random
 import subprocess
 import sys
 import threading
-import time
 import uuid
 import warnings
 from collections import Counter
@@ -31,7 +30,7 @@ from server.migrate import upgrade
 from server.models import STEP_SERIES
 from server.models_rollups import ROLLUP_LEVELS
 from server.settings import Settings
-from tests.conftest import free_port, fresh_pg_database, repo_root
+from tests.conftest import free_port, fresh_pg_database, repo_root, spawn_collector
 
 LAYERS = [f"block{i}.weight" for i in range(12)]
 RUNS = 6
@@ -62,21 +61,9 @@ def _children(pid: int) -> list[int]:
 @pytest.fixture
 def collector(pg_url: str) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     port = free_port()
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--workers", "2", "--port", str(port),
-           "--database-url", pg_url, "--no-migrate", "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, cwd=repo_root(), stdout=subprocess.DEVNULL)
+    proc = spawn_collector(pg_url, port, "--workers", "2", "--no-migrate")
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, "collector exited"
-            assert time.monotonic() < deadline, "collector did not start"
-            try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
         yield url, proc
     finally:
         proc.terminate()
