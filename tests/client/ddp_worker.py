@@ -63,5 +63,6 @@ def _worker(rank: int, port: int, urls: list[str], out: str) -> None:
              "indices": indices, "stats": default.stats}))
         mine.close()
         default.close()
+        dist.barrier()  # no rank tears gloo down while another still talks to it
     finally:
         dist.destroy_process_group()

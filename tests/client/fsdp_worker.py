@@ -86,5 +86,6 @@ def worker(rank: int, port: int, urls: list[str], out: str) -> None:
         Path(out, f"rank{rank}.json").write_text(json.dumps(
             {"refs": refs, "layers": mon.layers, "stats": mon.stats}))
         mon.close()
+        dist.barrier()  # no rank tears gloo down while another still talks to it
     finally:
         dist.destroy_process_group()

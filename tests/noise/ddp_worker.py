@@ -32,5 +32,6 @@ def worker(rank: int, port: int, runs: list[tuple[int, str, str, str]], steps: i
                 world=WORLD,
                 wrap=DistributedDataParallel,
             )
+        dist.barrier()  # no rank tears gloo down while another still talks to it
     finally:
         dist.destroy_process_group()
