@@ -153,14 +153,20 @@ class Sender:
         retry backoff short once, so a collector that came back is reached at once.
         """
         with self._cond:
-            target = self._counts["enqueued"] + self._counts.get("recovered", 0)
+            enqueued = self._counts["enqueued"]
+
+            def done() -> bool:
+                # "recovered" is read live: the sender thread may open the spool (and find
+                # an earlier process's steps) only after this call.
+                return self._resolved() >= enqueued + self._counts.get("recovered", 0)
+
             if self._closed:
-                return self._resolved() >= target
+                return done()
             self._flush_gen += 1
             self._flush_waiters += 1
             self._cond.notify_all()
             try:
-                return self._cond.wait_for(lambda: self._resolved() >= target, timeout)
+                return self._cond.wait_for(done, timeout)
             finally:
                 self._flush_waiters -= 1
 
@@ -428,6 +434,7 @@ class Sender:
         try:
             found = spool.open()
             spool.write_run(self._run_spec)
+            spool.mark_closed(False)  # this process goes on with the run
         except OSError as err:
             self._warn("spool-open", f"gradsentry: spool {spool.directory} unusable ({err}); "
                        "continuing without it")
@@ -484,6 +491,8 @@ class Sender:
         if self._held is not None or self._queue:
             self._spill()
         if self._spool.is_open:
+            if self._spool.pending:  # `gradsentry sync` marks the run finished after upload
+                self._spool.mark_closed()
             self._spool.close(remove_if_empty=not self._offline)
 
     def _reject(self, what: str, status: int | None, body: bytes) -> None:

@@ -9,6 +9,9 @@ Layout of one run's spool directory (``<root>/<run_id>/``, the root being ``watc
     seg-00000001.jsonl    append-only segments; one line = one wire batch body
     seg-00000002.jsonl    ({"wire_version": 1, "steps": [...]}, uncompressed)
     .lock                 held (flock) by the one process that uses the spool
+    closed                present when the process that wrote the spool closed its monitor
+                          normally: once everything is uploaded, ``sync`` marks the run
+                          finished (no marker: the run crashed or goes on, so it stays open)
 
 Lines are appended and flushed to the OS (they survive the process being killed); a segment
 is fsynced when it is rotated and when the spool closes. Batches are read back oldest first
@@ -45,6 +48,7 @@ logger = logging.getLogger("client_hooks")
 
 DEFAULT_MAX_BYTES = 1 << 30
 RUN_FILE = "run.json"
+CLOSED_FILE = "closed"
 _SEG_PREFIX, _SEG_SUFFIX = "seg-", ".jsonl"
 _RETRY_STATUS = frozenset((408, 429))
 AUTH_STATUS = frozenset((401, 403))  # the token is missing, wrong, revoked or not allowed
@@ -120,6 +124,19 @@ class Spool:
             os.fsync(f.fileno())
         os.replace(tmp, self.directory / RUN_FILE)
 
+    @property
+    def closed(self) -> bool:
+        """The writing process closed normally (see the module docstring)."""
+        return (self.directory / CLOSED_FILE).exists()
+
+    def mark_closed(self, closed: bool = True) -> None:
+        """Set or clear the ``closed`` marker (a resumed run clears it)."""
+        marker = self.directory / CLOSED_FILE
+        if closed:
+            marker.touch()
+        else:
+            marker.unlink(missing_ok=True)
+
     def read_run(self) -> dict[str, Any] | None:
         try:
             spec: dict[str, Any] = json.loads((self.directory / RUN_FILE).read_bytes())
@@ -189,7 +206,7 @@ class Spool:
         """Fsync and close; with ``remove_if_empty``, delete the directory if nothing is left."""
         self._close_writer()
         if remove_if_empty and not self._sizes and self._lock is not None:
-            for name in (RUN_FILE, ".lock"):
+            for name in (RUN_FILE, CLOSED_FILE, ".lock"):
                 (self.directory / name).unlink(missing_ok=True)
             with contextlib.suppress(OSError):  # something else lives there: leave it
                 self.directory.rmdir()
@@ -376,7 +393,7 @@ def _sync_run(spool: Spool, on_disk: int, base: str, headers: dict[str, str],
     run_id = str(spec["id"])
     if on_disk == 0 and spool.peek() is None:
         out(f"run {run_id}: nothing to upload")
-        return 0, 0, ""
+        return 0, 0, _finish(spool, base, run_id, headers, out, timeout)
     out(f"run {run_id}: {on_disk} steps to upload")
 
     def deliver(url: str, body: bytes, extra: dict[str, str]) -> tuple[int | None, bytes, str]:
@@ -407,4 +424,20 @@ def _sync_run(spool: Spool, on_disk: int, base: str, headers: dict[str, str],
             reported = time.monotonic()
             out(f"run {run_id}: {sent}/{on_disk} steps")
     out(f"run {run_id}: uploaded {sent} steps in {batches} batches")
-    return sent, batches, ""
+    return sent, batches, _finish(spool, base, run_id, headers, out, timeout)
+
+
+def _finish(spool: Spool, base: str, run_id: str, headers: dict[str, str],
+            out: Callable[[str], None], timeout: float) -> str:
+    """All of a run is uploaded: if its process had closed normally, mark the run finished
+    (as ``close()`` does online) and drop the marker; returns an error or ``""``."""
+    if not spool.closed:
+        return ""
+    url = f"{base}/{urllib.parse.quote(run_id, safe='')}/finish"
+    status, answer, error, _ = send(url, b"{}", {**headers, "Content-Type": wire.CONTENT_TYPE},
+                                    timeout)
+    if status is None or not 200 <= status < 300:
+        return f"marking the run finished: {describe_error(status, answer, error)}"
+    spool.mark_closed(False)
+    out(f"run {run_id}: marked finished (its process had closed normally)")
+    return ""

@@ -152,9 +152,36 @@ def test_offline_then_sync_uploads_once(receiver: Receiver, tmp_path: Path) -> N
     assert [s["step"] for s in receiver.steps] == list(range(30))
     assert receiver.runs == [json.loads(wire.dumps(SPEC))]
     assert "synced 30 steps in 4 batches" in lines[-1]
+    # The writing process closed normally: once uploaded, the run is marked finished, once.
+    assert receiver.finished == ["spool-1"] and not (tmp_path / "spool-1" / "closed").exists()
     lines.clear()
     assert spool_mod.sync(tmp_path / "spool-1", receiver.url, out=lines.append) == 0
     assert "nothing to upload" in lines[0] and len(receiver.steps) == 30
+    assert receiver.finished == ["spool-1"]
+
+
+def test_a_resumed_run_is_not_finished_by_an_old_spool(receiver: Receiver,
+                                                       tmp_path: Path) -> None:
+    dead = Sender("http://127.0.0.1:9", "spool-1", SPEC, flush_interval=0.02,
+                  spool_dir=tmp_path, spool_after=0.0)
+    for i in range(5):
+        dead.put(Rec(i))
+    dead.close(timeout=0.5)
+    assert (tmp_path / "spool-1" / "closed").exists()
+    # A new process takes the run up again (offline) and dies without close().
+    crash = f"""
+import os
+from client_hooks.sender import Sender
+from tests.client.test_spool import SPEC, Rec
+again = Sender(None, "spool-1", SPEC, flush_interval=0.02, spool_dir={str(tmp_path)!r})
+again.put(Rec(5))
+assert again.flush(timeout=5)  # offline: flushed means on disk
+os._exit(0)
+"""
+    subprocess.run([sys.executable, "-c", crash], check=True, timeout=60)
+    assert not (tmp_path / "spool-1" / "closed").exists()
+    assert spool_mod.sync(tmp_path, receiver.url, out=lambda _: None) == 0
+    assert [s["step"] for s in receiver.steps] == list(range(6)) and receiver.finished == []
 
 
 def test_sync_keeps_what_the_collector_refused(receiver: Receiver, tmp_path: Path) -> None:
@@ -169,6 +196,7 @@ def test_sync_keeps_what_the_collector_refused(receiver: Receiver, tmp_path: Pat
     lines: list[str] = []
     assert spool_mod.sync(tmp_path, receiver.url, out=lines.append) == 1
     assert any("HTTP 422: ValidationError: bad" in line for line in lines)
+    assert receiver.finished == []  # no marker: the writer did not close (crashed)
     again = spool_mod.Spool(tmp_path / "spool-1")
     assert again.open() == 5  # the delivered batch is gone, the refused one kept
     again.close()

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
+
 from tests.client import models
 from tests.conftest import new_run_id, repo_root
 from tests.faults.conftest import CollectorProcess, stored_steps, train_step, watch
@@ -38,6 +40,9 @@ def test_offline_run_then_sync(collector_process: CollectorProcess, tmp_path: Pa
     assert f"run {run_id}: uploaded 90 steps in " in first.stdout
     assert not list(run_dir.glob("seg-*.jsonl"))  # delivered, so deleted
     assert stored_steps(collector_process.url, run_id) == (90, list(range(90)))
+    assert "marked finished" in first.stdout  # the training process had closed normally
+    run = httpx.get(f"{collector_process.url}/api/v1/runs/{run_id}", timeout=30).json()
+    assert run["status"] == "finished", run
 
     second = sync(run_dir, collector_process.url)
     assert second.returncode == 0, second.stdout + second.stderr
