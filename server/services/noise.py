@@ -65,6 +65,8 @@ def total(values: Sequence[float]) -> float:
     except ValueError:  # +Inf and -Inf
         return math.nan
     except OverflowError:  # an intermediate sum went beyond a double; the total may not
+        if special := [v for v in values if not math.isfinite(v)]:
+            return total(special)  # fsum stopped before it saw them: they decide the total
         exact = sum(map(Fraction, values))
         try:
             return float(exact)  # correctly rounded

@@ -63,6 +63,33 @@ def test_step_counts_beyond_their_columns(api: httpx.Client, field: str, value: 
 
 
 @pytest.mark.parametrize(
+    ("path", "body", "where"),
+    [
+        ("/api/v1/runs", {"id": "nul-run", "name": "a\x00b"}, "name"),
+        ("/api/v1/runs", {"id": "nul-run", "tags": ["ok", "\x00"]}, "tags.1"),
+        ("/api/v1/runs", {"id": "nul-run", "layers": ["w\x00"]}, "layers.0"),
+        ("/api/v1/runs", {"id": "nul-run", "config": {"opt": {"k\x00": 1}}}, "config"),
+        ("/api/v1/runs", {"id": "nul-run", "semantics": {"x": ["\x00"]}}, "semantics"),
+        ("/api/v1/silences", {"project": "tests", "comment": "\x00"}, "comment"),
+        ("/api/v1/receivers", {"name": "nul", "kind": "webhook", "url": "http://x/\x00"},
+         "url"),
+        ("/api/v1/tokens", {"project": "tests", "name": "t\x00"}, "name"),
+    ],
+)
+def test_nul_in_text_is_refused_on_every_database(
+    api: httpx.Client, path: str, body: dict[str, Any], where: str
+) -> None:
+    """PostgreSQL cannot store NUL in text; SQLite could, so the API refuses it on both
+    alike (it used to be a 422 on Postgres and stored on SQLite)."""
+    before = api.get(path.replace("/tokens", "/tokens?project=tests")).json()
+    resp = api.post(path, json=body)
+    assert resp.status_code == 422, resp.text
+    assert "NUL" in resp.json()["detail"] and where in resp.json()["detail"], resp.text
+    assert api.get(path.replace("/tokens", "/tokens?project=tests")).json() == before
+    assert api.get("/api/v1/runs/nul-run").status_code == 404
+
+
+@pytest.mark.parametrize(
     ("window", "where"),
     [({"steps": 2, "first_step": 0, "series": {"x" * 120: {"count": 1, "nonfinite": 0}}},
       "window.series"),
@@ -166,3 +193,10 @@ def test_noise_scale_total_survives_an_intermediate_overflow() -> None:
     assert total(values) == expected
     assert total([1.7976931348623157e308, 1.7976931348623157e308]) == math.inf
     assert total([-1.7976931348623157e308, -1.7976931348623157e308]) == -math.inf
+    # A non-finite value after the overflowing partial sum still decides the total (a NaN
+    # there was a 500: Fraction(nan)).
+    big = 1.7976931348623157e308
+    assert math.isnan(total([big, big, -0.0, math.nan]))
+    assert total([big, big, math.inf]) == math.inf
+    assert total([big, big, -math.inf]) == -math.inf
+    assert math.isnan(total([big, big, math.inf, -math.inf]))
