@@ -44,8 +44,9 @@ class Pieces:
 
     @classmethod
     def from_steps(cls, steps: np.ndarray, values: np.ndarray) -> Pieces:
-        """Single steps: min = max = value."""
-        values = values.reshape(len(steps), -1)
+        """Single steps: min = max = value (-0.0 stored as 0.0: with both in a block, which
+        one fmin/fmax keep depends on the order, so a retried batch could change a block)."""
+        values = values.reshape(len(steps), -1) + 0.0
         return cls(steps, steps, values, values, (~np.isfinite(values)).astype(np.int64))
 
     @classmethod

@@ -164,6 +164,28 @@ def test_series_buckets_match_brute_force(
     assert covered == len(in_range)
 
 
+def snapshot(session: Session, pk: int) -> dict[tuple[str, int, int], tuple[object, ...]]:
+    """Every rollup row of run ``pk``, bytes and reprs exact (-0.0 differs from 0.0)."""
+    out: dict[tuple[str, int, int], tuple[object, ...]] = {}
+    for r in session.scalars(select(LayerRollup).where(LayerRollup.run_pk == pk)):
+        out[(f"layer:{r.metric}", r.level, r.block)] = (
+            r.step_first,
+            r.step_last,
+            r.vmin.tobytes(),
+            r.vmax.tobytes(),
+            r.nonfinite.tobytes(),
+        )
+    for q in session.scalars(select(SeriesRollup).where(SeriesRollup.run_pk == pk)):
+        out[(f"series:{q.name}", q.level, q.block)] = (
+            q.step_first,
+            q.step_last,
+            repr(q.vmin),
+            repr(q.vmax),
+            q.nonfinite,
+        )
+    return out
+
+
 def test_incremental_rollups_equal_a_rebuild(
     collector: Collector, stored: tuple[str, dict[int, np.ndarray]]
 ) -> None:
@@ -171,25 +193,6 @@ def test_incremental_rollups_equal_a_rebuild(
     run_id, _ = stored
     engine = create_engine(collector.settings.database_url)
 
-    def snapshot(session: Session, pk: int) -> dict[tuple[str, int, int], tuple[object, ...]]:
-        out: dict[tuple[str, int, int], tuple[object, ...]] = {}
-        for r in session.scalars(select(LayerRollup).where(LayerRollup.run_pk == pk)):
-            out[(f"layer:{r.metric}", r.level, r.block)] = (
-                r.step_first,
-                r.step_last,
-                r.vmin.tobytes(),
-                r.vmax.tobytes(),
-                r.nonfinite.tobytes(),
-            )
-        for q in session.scalars(select(SeriesRollup).where(SeriesRollup.run_pk == pk)):
-            out[(f"series:{q.name}", q.level, q.block)] = (
-                q.step_first,
-                q.step_last,
-                repr(q.vmin),
-                repr(q.vmax),
-                q.nonfinite,
-            )
-        return out
 
     with Session(engine) as session:
         pk = session.scalar(select(Run.pk).where(Run.id == run_id))
@@ -206,3 +209,27 @@ def test_incremental_rollups_equal_a_rebuild(
     assert {k[0] for k in rebuilt} == {"layer:grad_norm", "series:grad_norm", "series:loss"}
     assert incremental.keys() == rebuilt.keys() and len(rebuilt) > 200
     assert incremental == rebuilt
+
+
+def test_signed_zeros_leave_rollups_unchanged_on_retry(collector: Collector) -> None:
+    """0.0 and -0.0 in one block: a retried or reordered batch leaves every rollup row
+    byte-identical (the wire fuzzer found the block's min flipping between them)."""
+    engine = create_engine(collector.settings.database_url)
+    order = [39, 22, 51, 29, 0, 48, 3, 2]  # out of order, as the fuzzer sent them
+    steps = [
+        {"step": s, "loss": -0.0 if s % 3 else 0.0, "grad_norm": 1.0,
+         "layer_grad_norms": [-0.0 if s % 2 else 0.0, 0.0 if s % 3 else -0.0, 1.0]}
+        for s in order
+    ]
+    with collector.client() as api:
+        run_id = create_run(api, layers=LAYERS)
+        post_steps(api, run_id, steps).raise_for_status()
+        with Session(engine) as session:
+            pk = session.scalar(select(Run.pk).where(Run.id == run_id))
+            assert pk is not None
+            first = snapshot(session, pk)
+        for again in (steps, steps[::-1], sorted(steps, key=lambda r: r["step"])):
+            post_steps(api, run_id, again).raise_for_status()
+            with Session(engine) as session:
+                assert snapshot(session, pk) == first
+    engine.dispose()
