@@ -26,6 +26,28 @@ WindowSeriesName = Annotated[
 ]
 
 
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
+
+
+def _refuse_nul(value: Any) -> Any:
+    if _has_nul(value):
+        raise ValueError("text may not contain the NUL character (U+0000)")
+    return value
+
+
+# Free text (and JSON objects) may not hold NUL: PostgreSQL cannot store it, so the API
+# refuses it on every database alike instead of letting SQLite keep what Postgres refuses.
+NoNul = AfterValidator(_refuse_nul)
+JsonObject = Annotated[dict[str, Any], NoNul]
+
+
 def _utc(value: datetime) -> datetime:
     # SQLite returns naive datetimes; every timestamp we store is UTC.
     return value if value.tzinfo else value.replace(tzinfo=timezone.utc)
@@ -59,15 +81,17 @@ class RunCreate(Strict):
 
     id: RunId
     project: ProjectName = "default"
-    name: Annotated[str, StringConstraints(max_length=256)] | None = None
-    config: dict[str, Any] = Field(default_factory=dict)
-    tags: list[Annotated[str, StringConstraints(max_length=128)]] = Field(
+    name: Annotated[str, StringConstraints(max_length=256), NoNul] | None = None
+    config: JsonObject = Field(default_factory=dict)
+    tags: list[Annotated[str, StringConstraints(max_length=128), NoNul]] = Field(
         default_factory=list, max_length=64
     )
     batch_size: Annotated[int, Field(strict=True, ge=1, le=INT32_MAX)] | None = None
     world_size: Annotated[int, Field(strict=True, ge=1, le=INT32_MAX)] = 1
-    layers: list[Annotated[str, StringConstraints(max_length=512)]] = Field(default_factory=list)
-    semantics: dict[str, Any] = Field(default_factory=dict)
+    layers: list[Annotated[str, StringConstraints(max_length=512), NoNul]] = Field(
+        default_factory=list
+    )
+    semantics: JsonObject = Field(default_factory=dict)
 
 
 class WindowStats(Strict):

@@ -7,10 +7,10 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, Field, StringConstraints, model_validator
 
 from server.analysis.rules import RULE_NAMES
-from server.schemas import Out, ProjectName, StepNo, Strict, UTCDateTime
+from server.schemas import JsonObject, NoNul, Out, ProjectName, StepNo, Strict, UTCDateTime
 
 Severity = Literal["warning", "critical"]
-Who = Annotated[str, StringConstraints(max_length=128)]
+Who = Annotated[str, StringConstraints(max_length=128), NoNul]
 ReceiverKind = Literal["webhook", "slack", "email", "alertmanager"]
 
 
@@ -55,18 +55,18 @@ class AlertList(Out):
 
 class AckIn(Strict):
     by: Who | None = None
-    comment: Annotated[str, StringConstraints(max_length=4000)] | None = None
+    comment: Annotated[str, StringConstraints(max_length=4000), NoNul] | None = None
 
 
 class SilenceIn(Strict):
     project: ProjectName
-    run: Annotated[str, StringConstraints(max_length=128)] | None = None
+    run: Annotated[str, StringConstraints(max_length=128), NoNul] | None = None
     rule: str | None = None
     starts_at: UTCDateTime | None = None
     ends_at: UTCDateTime | None = None
     step_from: StepNo | None = None
     step_to: StepNo | None = None
-    comment: Annotated[str, StringConstraints(max_length=4000)] = ""
+    comment: Annotated[str, StringConstraints(max_length=4000), NoNul] = ""
     created_by: Who | None = None
 
     @model_validator(mode="after")
@@ -112,8 +112,8 @@ class ReceiverIn(Strict):
     name: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
     kind: ReceiverKind
     project: ProjectName | None = None
-    url: Annotated[str, StringConstraints(max_length=2000)] | None = None
-    config: dict[str, Any] = Field(default_factory=dict)
+    url: Annotated[str, StringConstraints(max_length=2000), NoNul] | None = None
+    config: JsonObject = Field(default_factory=dict)
     send_resolved: bool = True
     min_severity: Severity = "warning"
 

@@ -7,10 +7,10 @@ from typing import Annotated
 from pydantic import Field, StringConstraints, field_validator
 
 from server.auth.tokens import Scope
-from server.schemas import Out, ProjectName, Strict, UTCDateTime
+from server.schemas import NoNul, Out, ProjectName, Strict, UTCDateTime
 
 DEFAULT_SCOPES: tuple[Scope, ...] = ("ingest", "read")
-TokenName = Annotated[str, StringConstraints(max_length=128)]
+TokenName = Annotated[str, StringConstraints(max_length=128), NoNul]
 
 
 class TokenCreate(Strict):

@@ -46,7 +46,9 @@ SCALAR_NAMES = st.from_regex(r"\A[A-Za-z_][A-Za-z0-9_.:/-]{0,127}\Z").filter(_fr
 WINDOW_NAMES = st.one_of(st.sampled_from(["loss", "grad_norm", "lr"]),
                          st.from_regex(r"\A[A-Za-z_][A-Za-z0-9_.:/-]{0,117}\Z").filter(_free_name))
 # Module paths, unicode and all (layer names are free text).
-LAYER_NAMES = st.lists(st.text(min_size=1, max_size=40), min_size=0, max_size=5, unique=True)
+# Any text but NUL, which the API refuses in every free-text field (tests/server/test_hardening.py).
+TEXT = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), min_size=1, max_size=40)
+LAYER_NAMES = st.lists(TEXT, min_size=0, max_size=5, unique=True)
 
 
 def _maybe(strategy: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
