@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from typing import Any
 
 from server.auth.mode import is_loopback, resolve
@@ -107,9 +108,37 @@ def _serve(args: argparse.Namespace) -> int:
     # Worker processes build their own app from the environment (server.app.app_from_env):
     # settings given on the command line travel there as GRADSENTRY_* variables.
     os.environ["GRADSENTRY_DATABASE_URL"] = settings.database_url
-    uvicorn.run("server.app:app_from_env", factory=True, workers=args.workers,
-                host=args.host, port=args.port, log_level=args.log_level)
+    with _multiprocess_metrics():
+        uvicorn.run("server.app:app_from_env", factory=True, workers=args.workers,
+                    host=args.host, port=args.port, log_level=args.log_level)
     return 0
+
+
+@contextlib.contextmanager
+def _multiprocess_metrics() -> Iterator[None]:
+    """``/metrics`` summed over the worker processes: prometheus-client's multi-process mode,
+    whose directory must be set before the workers import it and be empty at start. Ours is
+    a fresh temporary directory, removed at exit; a ``$PROMETHEUS_MULTIPROC_DIR`` the user
+    set is used instead, emptied of an earlier run's files first."""
+    import glob
+    import shutil
+    import tempfile
+
+    from server.metrics import MULTIPROC_ENV
+
+    given = os.environ.get(MULTIPROC_ENV)
+    if given:
+        os.makedirs(given, exist_ok=True)
+        for stale in glob.glob(os.path.join(given, "*.db")):
+            os.unlink(stale)
+        yield
+        return
+    path = tempfile.mkdtemp(prefix="gradsentry-metrics-")
+    os.environ[MULTIPROC_ENV] = path
+    try:
+        yield
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def auth_banner(mode: str, host: str, settings: Settings) -> str | None:

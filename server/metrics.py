@@ -19,6 +19,7 @@ source still appears (HELP/TYPE, no samples), so dashboards can rely on its name
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
+    multiprocess,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -43,6 +45,8 @@ from server.models import Project, Run, Step, utcnow
 from server.schemas import StepBatch
 
 log = logging.getLogger("gradsentry.metrics")
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's multi-process mode
 
 RUN_LABELS = ("project", "run")
 # name -> (help, label names). The per-run families carry RUN_LABELS.
@@ -132,6 +136,7 @@ class Metrics:
                 "gradsentry_http_requests_in_flight",
                 "Requests being handled (the collector's request queue)",
                 registry=registry,
+                multiprocess_mode="livesum",  # under --workers: summed over live workers
             ),
         )
 
@@ -173,7 +178,21 @@ def install_metrics_route(
 
     @app.get("/metrics", include_in_schema=False, dependencies=list(dependencies))
     def _metrics() -> Response:  # sync: the database gauges run in the threadpool
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(scrape_registry(app, registry)),
+                        media_type=CONTENT_TYPE_LATEST)
+
+
+def scrape_registry(app: FastAPI, registry: CollectorRegistry) -> CollectorRegistry:
+    """What a scrape reads. One process: the app's registry. Under ``serve --workers N``
+    (``$PROMETHEUS_MULTIPROC_DIR`` set, see ``server.cli``) every worker writes its counters,
+    histograms and gauges to files there, and a scrape that lands on any worker sums them
+    over all workers, plus the database gauges, which agree across workers anyway."""
+    if not os.environ.get(MULTIPROC_ENV):
+        return registry
+    merged = CollectorRegistry(auto_describe=True)
+    multiprocess.MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
+    merged.register(app.state.db_metrics)
+    return merged
 
 
 class DatabaseCollector(Collector):

@@ -24,6 +24,7 @@ import httpx
 import numpy as np
 import psycopg
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from client_hooks.wire import encode_batch
 from server.migrate import upgrade
@@ -251,3 +252,50 @@ def _exercise(url: str, pg_url: str, project: str, client: Any) -> None:
             assert last_step == want[-1]
             assert status == ("finished" if i < 2 else "running"), run_id
             _check_rollups(db, pk)
+
+
+def _scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    with httpx.Client(base_url=url, timeout=30) as c:  # a new connection: any worker answers
+        text = c.get("/metrics").text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_metrics_are_summed_over_the_workers(pg_url: str, tmp_path: Any) -> None:
+    """Under --workers every scrape, whichever worker answers it, counts the requests of all
+    workers (prometheus-client's multi-process mode; they used to be per process)."""
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    (metrics_dir / "counter_999999.db").write_bytes(b"stale")  # an earlier run's: removed
+    port = free_port()
+    proc = spawn_collector(pg_url, port, "--workers", "2", "--no-migrate",
+                           env={"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        run_id = f"m-{uuid.uuid4().hex[:8]}"
+        httpx.post(f"{url}/api/v1/runs", json={"id": run_id, "layers": LAYERS},
+                   timeout=60).raise_for_status()
+
+        def post(i: int) -> int:
+            with httpx.Client(base_url=url, timeout=120) as c:  # one connection per batch
+                return _post(c, run_id, 0, list(range(i * 5, i * 5 + 5)))
+
+        with ThreadPoolExecutor(8) as pool:
+            assert set(pool.map(post, range(40))) == {200}
+        pids = {p.stem.rsplit("_", 1)[1] for p in metrics_dir.glob("counter_*.db")}
+        assert "999999" not in pids and len(pids) >= 2, pids  # both workers took batches
+        route = "/api/v1/runs/{run_id}/steps"
+        for _ in range(6):
+            got = _scrape(url)
+            assert got["gradsentry_steps_ingested_total", ()] == 200
+            assert got["gradsentry_batches_ingested_total", ()] == 40
+            key = ("gradsentry_http_request_duration_seconds_count",
+                   (("method", "POST"), ("route", route), ("status", "200")))
+            assert got[key] == 40, sorted(k for k in got if "duration_seconds_count" in k[0])
+            assert got["gradsentry_database_up", ()] == 1
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
