@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 import random
 import subprocess
-import sys
 import threading
 import uuid
 from collections import Counter
@@ -23,7 +22,7 @@ from server.analysis.spikes import RunAnalysis, StepView, evaluate
 from server.migrate import upgrade
 from server.settings import Settings
 from tests.alerts.conftest import LAYERS, HttpReceiver, h1_blowup, healthy, wait_until
-from tests.conftest import free_port, fresh_pg_database, repo_root
+from tests.conftest import free_port, fresh_pg_database, spawn_collector
 
 
 @pytest.fixture
@@ -36,35 +35,13 @@ def shared_pg() -> Iterator[str]:
 
 @pytest.fixture
 def two_collectors(shared_pg: str) -> Iterator[list[str]]:
-    procs, urls = [], []
-    for _ in range(2):
-        port = free_port()
-        cmd = [
-            sys.executable,
-            "-m",
-            "server.cli",
-            "serve",
-            "--port",
-            str(port),
-            "--database-url",
-            shared_pg,
-            "--no-migrate",
-            "--log-level",
-            "warning",
-        ]
-        procs.append(subprocess.Popen(cmd, cwd=repo_root(), stdout=subprocess.DEVNULL))
-        urls.append(f"http://127.0.0.1:{port}")
+    procs: list[subprocess.Popen[bytes]] = []
+    urls = []
     try:
-        for url, proc in zip(urls, procs, strict=True):
-
-            def up(url: str = url, proc: subprocess.Popen[bytes] = proc) -> bool:
-                assert proc.poll() is None, "collector exited"
-                try:
-                    return httpx.get(f"{url}/healthz", timeout=1).status_code == 200
-                except httpx.TransportError:
-                    return False
-
-            wait_until(up, timeout=60, what="collector start")
+        for _ in range(2):
+            port = free_port()
+            procs.append(spawn_collector(shared_pg, port, "--no-migrate"))
+            urls.append(f"http://127.0.0.1:{port}")
         yield urls
     finally:
         for proc in procs:
