@@ -36,10 +36,14 @@ weights (one batched ``_foreach_mul``) and the post-hook reduces the
 weights after the step and the difference to that copy to per-layer norms on the device, then
 frees the copy: the record of that step carries ``layer_param_norms`` and
 ``layer_update_norms``. The cost is one extra copy of the weights during those steps only.
+(CPU training with the norm worker on: the copy and these norms are taken by a thread of their
+own during the forward passes around the step, :mod:`client_hooks.param_overlap`.)
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
 import numbers
 import os
@@ -47,6 +51,7 @@ import re
 import secrets
 import threading
 import time
+import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
@@ -55,7 +60,7 @@ from typing import Any
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from . import overlap, wire
+from . import overlap, param_overlap, wire
 from . import spool as spool_mod
 from .gns import NoiseScale
 from .gns import parse_mode as parse_gns_mode
@@ -171,7 +176,8 @@ class _Frozen:
     index: int
     lrs: list[float | torch.Tensor]  # one per param group
     found_inf: torch.Tensor | None = None  # a fused optimizer's skip flag, set by the scaler
-    params: torch.Tensor | None = None  # LayerNorms.param_update_norms(), every K steps
+    # LayerNorms.param_update_norms(), every K steps; Late when a thread computes it
+    params: torch.Tensor | param_overlap.Late | None = None
     step_time: float | None = None  # seconds since the previous optimizer step ended
 
 
@@ -249,6 +255,8 @@ class Monitor:
         self._sender: Sender | None = None
         self._noise: NoiseScale | None = None  # noise scale: small-batch norms (gns.py)
         self._worker: overlap.NormWorker | None = None  # CPU: norms during backward
+        self._param_overlap: param_overlap.ParamOverlap | None = None  # CPU: K-th step work
+        self._param_exit: _AtExit | None = None
         if noise_scale is not None:
             parse_gns_mode(noise_scale)  # raises ValueError on an unknown mode
         if dataset_size is not None and (not isinstance(dataset_size, int) or dataset_size < 2):
@@ -299,6 +307,20 @@ class Monitor:
         if (self.world_size == 1 and not self._norms.sharding.active
                 and overlap.wanted(self._norms.params)):
             self._worker = overlap.NormWorker(self._norms.params)
+        # With it, the K-th steps' weight copy and norms run on a thread during the forward
+        # passes around the step (client_hooks/param_overlap.py); the root module's forward
+        # hooks bound the time that thread may read the weights.
+        if (self._worker is not None and param_every > 0 and self._sender is not None
+                and self._trigger != "params" and self._norms.params):
+            self._param_overlap = param_overlap.ParamOverlap(self._norms)
+            self._handles.append(model.register_forward_pre_hook(
+                _RootHook(self, "_on_forward_pre")))
+            self._handles.append(model.register_forward_hook(
+                _RootHook(self, "_on_forward_end"), always_call=True))
+            # A step's norms may wait for a forward pass that never comes: settle them at exit
+            # (registered after the sender's, so it runs first).
+            self._param_exit = _AtExit(self._param_overlap)
+            atexit.register(self._param_exit)
         self._handles.append(optimizer.register_step_pre_hook(self._on_step_pre))
         self._handles.append(optimizer.register_step_post_hook(self._on_step))
         if noise_scale is not None:  # noise scale: self-contained hooks (client_hooks/gns.py)
@@ -354,6 +376,7 @@ class Monitor:
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait up to ``timeout`` s until all logged steps are delivered or given up on."""
+        self._settle_params()
         return True if self._sender is None else self._sender.flush(timeout)
 
     def close(self, timeout: float = 10.0) -> None:
@@ -364,6 +387,13 @@ class Monitor:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        if self._param_overlap is not None:
+            try:
+                self._param_overlap.close()
+            except Exception:
+                self._warn("param-norms", "gradsentry: parameter norm thread failed at close")
+            if self._param_exit is not None:
+                atexit.unregister(self._param_exit)
         self._send_held()
         self._before = None  # a weight copy left by a step that raised
         if self._worker is not None:
@@ -413,6 +443,22 @@ class Monitor:
                         t.register_hook(self._on_output_grad)  # type: ignore[no-untyped-call]
         except Exception:
             self._warn("forward-hook", "gradsentry: forward hook failed")
+
+    def _on_forward_pre(self, module: torch.nn.Module, args: Any) -> None:
+        """The K-th step work's thread may read the weights during this forward pass."""
+        try:
+            assert self._param_overlap is not None
+            self._param_overlap.forward_pre(self._steps, self._before is None
+                                            and self._steps % self._param_every == 0)
+        except Exception:
+            self._warn("param-norms", "gradsentry: parameter norm thread failed")
+
+    def _on_forward_end(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        try:
+            assert self._param_overlap is not None
+            self._param_overlap.forward_end()
+        except Exception:
+            self._warn("param-norms", "gradsentry: parameter norm thread failed")
 
     def _on_output_grad(self, grad: torch.Tensor) -> None:
         try:
@@ -529,22 +575,36 @@ class Monitor:
         """On a K-th step, copy the weights the optimizer is about to change."""
         try:
             self._before = None  # a step that raised must not leave its copy for the next
+            if self._param_overlap is not None:
+                self._param_overlap.settle()  # nothing reads the weights while they change
             k = self._param_every
             if k > 0 and self._sender is not None and self._norms.params and self._steps % k == 0:
-                self._before = self._norms.snapshot()
+                copy = (None if self._param_overlap is None
+                        else self._param_overlap.take_copy(self._steps))
+                self._before = self._norms.snapshot() if copy is None else copy
         except Exception:
             self._warn("param-snapshot", "gradsentry: parameter snapshot failed")
 
-    def _measure_params(self) -> torch.Tensor | None:
+    def _measure_params(self) -> torch.Tensor | param_overlap.Late | None:
         """Per-layer weight and update norms of the step that just ran; frees the copy."""
         before, self._before = self._before, None
         if before is None:
             return None
         try:
+            if self._param_overlap is not None:
+                return self._param_overlap.after_step(before)
             return self._norms.param_update_norms(before)
         except Exception:
             self._warn("param-norms", "gradsentry: parameter norm reduction failed")
             return None
+
+    def _settle_params(self) -> None:
+        """Finish the K-th step work still waiting for a forward pass (flush, close)."""
+        try:
+            if self._param_overlap is not None:
+                self._param_overlap.settle()
+        except Exception:
+            self._warn("param-norms", "gradsentry: parameter norm thread failed")
 
     # -- internals ------------------------------------------------------------------------
 
@@ -575,7 +635,7 @@ class Monitor:
         overflow: bool | None = None if self._scaler is None else False
         clip_coef: torch.Tensor | None = None
         found_inf: torch.Tensor | None = None  # decided by the sender thread (record.py)
-        params: torch.Tensor | None = None
+        params: torch.Tensor | param_overlap.Late | None = None
         step_time: float | None = None
         frozen, self._frozen = self._frozen, None
         if frozen is not None:
@@ -607,7 +667,10 @@ class Monitor:
             parts.append(norms)
         if params is not None:
             item.param_layers = len(self.layers)
-            parts.append(params)
+            if isinstance(params, param_overlap.Late):
+                item.late_params = params  # the sender thread waits for it
+            else:
+                parts.append(params)
         # Noise scale: small-batch squared norms and the same layers' big-batch ones (the
         # squared pre-clip norms above); the sender unpacks them into the "gns" field.
         sample = self._noise.take() if self._noise is not None else None
@@ -720,14 +783,16 @@ class Monitor:
 
 
 class _RootHook:
-    """The forward hook on the watched module. A deep copy or a pickle of the module (an EMA
-    copy, ``torch.save(model)``) gets an inert hook instead of this monitor."""
+    """A forward (pre-)hook on the watched module, calling ``monitor.<method>``. A deep copy or
+    a pickle of the module (an EMA copy, ``torch.save(model)``) gets an inert hook instead of
+    this monitor."""
 
-    def __init__(self, monitor: Monitor) -> None:
+    def __init__(self, monitor: Monitor, method: str = "_on_root_forward") -> None:
         self.monitor = monitor
+        self.method = method
 
-    def __call__(self, module: torch.nn.Module, args: Any, output: Any) -> None:
-        self.monitor._on_root_forward(module, args, output)
+    def __call__(self, *args: Any) -> None:
+        getattr(self.monitor, self.method)(*args)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Any:
         return _inert_hook
@@ -736,12 +801,25 @@ class _RootHook:
         return _inert_hook_factory, ()
 
 
-def _inert_hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+def _inert_hook(*args: Any) -> None:
     return None
 
 
 def _inert_hook_factory() -> Any:
     return _inert_hook
+
+
+class _AtExit:
+    """Settles a :class:`param_overlap.ParamOverlap` at interpreter exit, holding it weakly."""
+
+    def __init__(self, target: param_overlap.ParamOverlap) -> None:
+        self._target = weakref.ref(target)
+
+    def __call__(self) -> None:
+        target = self._target()
+        if target is not None:
+            with contextlib.suppress(Exception):
+                target.settle()
 
 
 def _world(rank: int | None) -> tuple[int, int]:

@@ -205,13 +205,7 @@ class LayerNorms:
         :meth:`compute`)."""
         grads: list[torch.Tensor | None] = self._grads() if tensors is None else (
             [_local(t) for t in tensors] if self.sharding.active else list(tensors))
-        key = tuple(None if g is None else g.dtype for g in grads)
-        plan = self._plans.get(key)
-        if plan is None:
-            plan = self._plan(grads)
-            if len(self._plans) >= _MAX_PLANS:
-                self._plans.pop(next(iter(self._plans)))
-            self._plans[key] = plan
+        plan = self.plan_of(grads)
         out = []
         for group in plan:
             present = grads if group.everything else [grads[i] for i in group.positions]
@@ -222,6 +216,32 @@ class LayerNorms:
                 norms = _foreach_norm(present, group.norm_dtype)  # type: ignore[arg-type]
             out.append((group, torch.stack(norms).to(self.device, self._acc, non_blocking=True)))
         return out
+
+    def plan_of(self, tensors: list[torch.Tensor | None]) -> list[_Group]:
+        """The reduction plan of one tensor (or None) per parameter: cached by their dtypes.
+        Training thread only (the cache is not locked)."""
+        key = tuple(None if t is None else t.dtype for t in tensors)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plan(tensors)
+            if len(self._plans) >= _MAX_PLANS:
+                self._plans.pop(next(iter(self._plans)))
+            self._plans[key] = plan
+        return plan
+
+    def layer_param_update_norms(self, plan: list[_Group], weight_norms: list[torch.Tensor],
+                                 update_norms: list[torch.Tensor]) -> torch.Tensor:
+        """What :meth:`param_update_norms` returns, from per-tensor norms taken elsewhere
+        (:mod:`client_hooks.param_overlap`; by parameter position, each taken by
+        ``_foreach_norm`` with its group's ``norm_dtype``): the same stacking, casts and
+        ``index_add_`` in the same order, so bit-equal results. Unsharded parameters only.
+        Reads no mutable state of this object: any thread may call it."""
+        n = len(self.layers)
+        with torch.no_grad():
+            sums = [self._reduce([(group, torch.stack([norms[i] for i in group.positions]).to(
+                self.device, self._acc, non_blocking=True)) for group in plan], n)
+                for norms in (weight_norms, update_norms)]
+            return torch.cat([sums[0].sqrt(), sums[1].sqrt()]).to(torch.float32)
 
     def _grads(self) -> list[torch.Tensor | None]:
         """The current gradients (local shards when sharded), one per parameter."""

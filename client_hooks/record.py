@@ -26,6 +26,10 @@ class _Event(Protocol):
     def synchronize(self) -> None: ...
 
 
+class _Late(Protocol):
+    def result(self) -> list[float] | None: ...
+
+
 @dataclass
 class PendingStep:
     """A step whose device values are still being copied to the host.
@@ -40,7 +44,9 @@ class PendingStep:
     fused optimizer's ``found_inf`` device flag) becomes a bool here; when true the norms are
     dropped and ``on_overflow`` is called. When ``window`` is set (``(layout, steps,
     first_step)`` of :meth:`client_hooks.window.Window.pack`), the window's values follow,
-    or are ``window_values`` when they were read back separately.
+    or are ``window_values`` when they were read back separately. With ``late_params``
+    (:class:`client_hooks.param_overlap.Late`, computed after ``log()``), the
+    ``2 * param_layers`` param norms are not in ``host``: they are waited for here.
     """
 
     step: int
@@ -58,6 +64,7 @@ class PendingStep:
     on_overflow: Callable[[], None] | None = None
     window: tuple[list[tuple[str, int, int, bool]], int, int] | None = None
     window_values: list[float] | None = None
+    late_params: _Late | None = None
 
     def to_record(self) -> dict[str, Any]:
         """The wire step record; waits for the device copy (sender thread only)."""
@@ -74,7 +81,12 @@ class PendingStep:
             out.update(grad_norm=values[0], layer_grad_norms=values[1 : 1 + n],
                        layer_nonfinite=bad, nonfinite=sum(bad))
             pos = 1 + 2 * n
-        if self.param_layers is not None:
+        if self.param_layers is not None and self.late_params is not None:
+            late = self.late_params.result()  # bounded wait for the param-norm thread
+            if late is not None:
+                n = self.param_layers
+                out.update(layer_param_norms=late[:n], layer_update_norms=late[n : 2 * n])
+        elif self.param_layers is not None:
             n = self.param_layers
             out.update(layer_param_norms=values[pos : pos + n],
                        layer_update_norms=values[pos + n : pos + 2 * n])

@@ -1,5 +1,7 @@
 """Every K-th step carries per-layer weight and update norms equal to brute force; lrs per group.
 
+Each test runs with everything on the training thread and again with the K-th step work on the
+norm worker's parameter thread (``norm_thread`` fixture, client_hooks/param_overlap.py).
 The references are computed by the test from its own copies of the weights, in float64.
 Weight norms are checked to 1e-5 relative like the gradient norms. Update norms too: the client
 subtracts in float32, which is exact where an entry moved by at most half its value (Sterbenz's
@@ -19,6 +21,7 @@ import torch
 from torch import nn
 
 import client_hooks
+from client_hooks import param_overlap
 from client_hooks.norms import LayerNorms
 from tests.client import models
 from tests.client.receiver import Receiver
@@ -50,7 +53,18 @@ def two_group_adam(model: models.TinyLM) -> torch.optim.Optimizer:
     return torch.optim.Adam([{"params": rest, "lr": 1e-2}, {"params": fc, "lr": 3e-3}])
 
 
-def test_every_kth_step_reports_weight_and_update_norms(receiver: Receiver) -> None:
+def assert_thread_did_the_work(mon: client_hooks.Monitor, norm_thread: str) -> None:
+    po = mon._param_overlap
+    if norm_thread == "0":
+        assert po is None
+        return
+    assert po is not None
+    by_thread, by_caller = po.tasks
+    assert by_thread > 0 and by_caller == 0
+
+
+def test_every_kth_step_reports_weight_and_update_norms(receiver: Receiver,
+                                                        norm_thread: str) -> None:
     torch.manual_seed(0)
     model = models.TinyLM()
     opt = two_group_adam(model)
@@ -74,6 +88,9 @@ def test_every_kth_step_reports_weight_and_update_norms(receiver: Receiver) -> N
             assert mon.log(loss=0.0) == i
         assert mon.flush(timeout=5)
         assert mon.stats["errors"] == 0
+        assert_thread_did_the_work(mon, norm_thread)
+        if mon._param_overlap is not None:  # steps 2 and 4 were reduced after log()
+            assert mon._param_overlap.update_async is True
 
     records = receiver.steps
     assert [r["step"] for r in records] == list(range(5))
@@ -94,7 +111,7 @@ def test_every_kth_step_reports_weight_and_update_norms(receiver: Receiver) -> N
         assert list(rec)[-3:] == ["layer_param_norms", "layer_update_norms", "lrs"]
 
 
-def test_tensor_learning_rates_of_every_group(receiver: Receiver) -> None:
+def test_tensor_learning_rates_of_every_group(receiver: Receiver, norm_thread: str) -> None:
     torch.manual_seed(1)
     model = models.TinyLM()
     fc = [p for n, p in model.named_parameters() if n.startswith("fc")]
@@ -115,6 +132,7 @@ def test_tensor_learning_rates_of_every_group(receiver: Receiver) -> None:
             mon.log()
             assert_close_vec(_last_update(mon, receiver),
                              layer_vector(models.reference_norms(model, update)), f"step {i}")
+        assert_thread_did_the_work(mon, norm_thread)
     assert [r["lrs"] for r in receiver.steps] == [[0.25, 0.125], [0.125, 0.0625],
                                                   [0.0625, 0.03125]]
     assert [r["lr"] for r in receiver.steps] == [0.25, 0.125, 0.0625]
@@ -127,7 +145,8 @@ def _last_update(mon: client_hooks.Monitor, receiver: Receiver) -> Any:
 
 @pytest.mark.parametrize(("every", "copies"), [(0, 0), (3, 3)])
 def test_weights_are_copied_only_on_kth_steps(
-    receiver: Receiver, monkeypatch: pytest.MonkeyPatch, every: int, copies: int
+    receiver: Receiver, monkeypatch: pytest.MonkeyPatch, every: int, copies: int,
+    norm_thread: str,
 ) -> None:
     calls: list[int] = []
     original = LayerNorms.snapshot
@@ -136,7 +155,13 @@ def test_weights_are_copied_only_on_kth_steps(
         calls.append(1)
         return original(self)
 
+    class CountedCopy(param_overlap._Copy):  # the thread's copies
+        def __init__(self, *args: Any) -> None:
+            calls.append(2)
+            super().__init__(*args)
+
     monkeypatch.setattr(LayerNorms, "snapshot", counting)
+    monkeypatch.setattr(param_overlap, "_Copy", CountedCopy)
     model, opt = models.make(seed=3)  # one param group: no lrs
     with client_hooks.watch(model, opt, server=receiver.url, flush_interval=60,
                             param_every=every) as mon:
@@ -147,6 +172,7 @@ def test_weights_are_copied_only_on_kth_steps(
             mon.log()
         assert mon.flush(timeout=5)
     assert len(calls) == copies
+    assert set(calls) <= {1 if norm_thread == "0" else 2}  # the thread copied on its path
     with_params = [r["step"] for r in receiver.steps if "layer_param_norms" in r]
     assert with_params == ([0, 3, 6] if every else [])
     assert all("lrs" not in r for r in receiver.steps)
