@@ -138,7 +138,7 @@ class NormWorker:
             logger.warning("gradsentry: the norm worker thread finished nothing in %d backward "
                            "passes; norms are computed on the training thread from now on",
                            self._misses)
-            self.close()
+            self.close(wait=False)  # it is stuck: the monitor's close() waits for it
         return results
 
     def discard(self) -> None:
@@ -147,11 +147,17 @@ class NormWorker:
             self._generation += 1
             self._results = {}
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """Remove the hooks and stop the thread; ``wait``: until it has ended."""
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
         self._queue.put(None)
+        # Let it end before the interpreter may: a daemon thread still inside a torch kernel
+        # at interpreter shutdown can abort the process ("terminate called without an
+        # active exception"). A batch takes milliseconds; the bound only guards a stuck one.
+        if wait and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
 
     def _run(self) -> None:
         torch.set_grad_enabled(False)  # thread-local: a create_graph=True gradient records nothing
